@@ -1,0 +1,46 @@
+# Two commands for learners: `make lab` and `make test`. Everything else is for maintainers.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: install lab test lint unit notebooks execute exercises bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the pinned requirements
+
+lab: install  ## open JupyterLab on the first notebook
+	$(BIN)/jupyter lab notebooks/00_why_deepseek_is_cheap.ipynb
+
+test: install lint  ## lint, unit tests, then nbval over every notebook
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+unit: install  ## unit tests only (fast)
+	$(BIN)/python -m pytest tests
+
+notebooks: install  ## nbval over the notebooks only
+	$(BIN)/python -m pytest notebooks
+
+execute: install  ## re-run every notebook in place, top to bottom, so committed outputs come from one clean run
+	$(BIN)/python -m helpers.execute notebooks/[0-9]*.ipynb
+
+exercises: install  ## write the workshop versions (solutions replaced by stubs) to exercises/
+	$(BIN)/python -m helpers.exercises notebooks exercises
+
+bench: install  ## the MoE and MLA benchmarks (minutes; not part of the tests)
+	$(BIN)/python -m helpers.bench moe
+	$(BIN)/python -m helpers.bench mla
+
+clean:
+	rm -rf $(VENV) exercises build *.egg-info

@@ -1,0 +1,15 @@
+"""Shared code for the DeepSeekMoE and Multi-head Latent Attention notebooks.
+
+Every finished layer lives here exactly once; notebooks build it step by step, then import it.
+Nothing in this package downloads anything: the Hugging Face hub is switched off on import.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from helpers.utils import seed_everything  # noqa: E402
+
+__all__ = ["seed_everything"]

@@ -1,0 +1,157 @@
+"""The exercise-checker framework.
+
+A checker runs a learner's function on prepared cases and compares it with a reference. When the
+answer is wrong it says *what* is wrong: first by matching the answer against a library of known
+mistakes (each a small function that makes that mistake on purpose), then by asking a diagnosis
+callback for a domain-specific hint, and only then by describing the numerical difference.
+
+Usage in a track module (see ``helpers.moe_checks`` and ``helpers.mla_checks``)::
+
+    check_router = Checker(
+        name="route_topk",
+        cases=lambda: [Case("4 tokens, 8 experts, k=2", dict(logits=..., k=2)), ...],
+        reference=reference_route_topk,
+        mistakes=[Mistake("no renormalisation", route_without_renorm,
+                          "the kept weights do not sum to 1: renormalise after top-k")],
+    )
+    check_router(route_topk)   # prints a tick, or raises CheckFailure with the reason
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class CheckFailure(AssertionError):
+    """A learner's answer is wrong; the message says what is wrong and how to look for it."""
+
+
+@dataclass
+class Case:
+    """One prepared input: a short description a learner can read, and keyword arguments."""
+
+    description: str
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Mistake:
+    """A known wrong way to do it: ``fn`` reproduces the mistake, ``message`` explains it."""
+
+    name: str
+    fn: Callable[..., Any]
+    message: str
+
+
+def _leaves(x: Any) -> list[Any]:
+    if isinstance(x, (tuple, list)):
+        return [leaf for item in x for leaf in _leaves(item)]
+    if isinstance(x, dict):
+        return [leaf for key in sorted(x) for leaf in _leaves(x[key])]
+    return [x]
+
+
+def describe_difference(got: Any, want: Any, *, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
+    """Return ``None`` if ``got`` matches ``want`` (tensors, numbers, nested tuples), else what differs."""
+    got_leaves, want_leaves = _leaves(got), _leaves(want)
+    if len(got_leaves) != len(want_leaves):
+        return f"returned {len(got_leaves)} value(s), expected {len(want_leaves)}"
+    for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
+        where = f"output {i}: " if len(want_leaves) > 1 else ""
+        if isinstance(w, torch.Tensor):
+            if not isinstance(g, torch.Tensor):
+                return f"{where}returned {type(g).__name__}, expected a torch.Tensor"
+            if tuple(g.shape) != tuple(w.shape):
+                return f"{where}shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+            if g.dtype.is_floating_point != w.dtype.is_floating_point:
+                return f"{where}dtype {g.dtype}, expected {w.dtype}"
+            g64, w64 = g.detach().double(), w.detach().double()
+            if not torch.allclose(g64, w64, atol=atol, rtol=rtol, equal_nan=True):
+                err = (g64 - w64).abs()
+                idx = tuple(int(j) for j in torch.unravel_index(err.argmax(), err.shape))
+                return (f"{where}values differ: largest difference {err.max().item():.4g} at index {idx} "
+                        f"(got {g64[idx].item():.4g}, expected {w64[idx].item():.4g})")
+        elif isinstance(w, float):
+            if not isinstance(g, (int, float)) or abs(g - w) > atol + rtol * abs(w):
+                return f"{where}got {g!r}, expected {w!r}"
+        elif g != w:
+            return f"{where}got {g!r}, expected {w!r}"
+    return None
+
+
+@dataclass
+class Checker:
+    """Checks a learner's function against ``reference`` on every case from ``cases()``.
+
+    Args:
+        name: the function's name as the notebook asks for it.
+        cases: a callable returning the prepared cases (called fresh each time, so inputs are
+            never shared with a learner's function that mutates them).
+        reference: the correct implementation.
+        mistakes: known mistakes, tried in order when the answer is wrong.
+        diagnose: optional ``(got, want, kwargs) -> str | None`` for domain-specific hints.
+        normalize: optional map applied to both outputs before comparing (for example sorting
+            routed experts so that index order does not matter).
+        hint: shown when the function is still the exercise stub.
+    """
+
+    name: str
+    cases: Callable[[], Sequence[Case]]
+    reference: Callable[..., Any]
+    mistakes: Sequence[Mistake] = field(default_factory=tuple)
+    diagnose: Callable[[Any, Any, dict[str, Any]], str | None] | None = None
+    normalize: Callable[[Any], Any] | None = None
+    hint: str = ""
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+    def _norm(self, x: Any) -> Any:
+        return self.normalize(x) if self.normalize is not None else x
+
+    def _fail(self, case: Case, reason: str) -> CheckFailure:
+        return CheckFailure(f"{self.name} is not right yet, on the case '{case.description}':\n  {reason}")
+
+    def explain(self, fn: Callable[..., Any]) -> str | None:
+        """Return ``None`` if ``fn`` passes every case, else the message a learner would see.
+
+        ``cases()`` is called afresh for every function run, so it must build the same inputs each
+        time (seed its generator); a learner's function that modifies its inputs in place cannot
+        then spoil the reference's inputs.
+        """
+        for i, case in enumerate(self.cases()):
+            try:
+                got = fn(**case.kwargs)
+            except NotImplementedError:
+                hint = f"\n  Hint: {self.hint}" if self.hint else ""
+                return (f"{self.name} is still the exercise stub: replace `raise NotImplementedError` "
+                        f"with your code.{hint}")
+            except Exception as exc:  # a learner's bug: report it in words, with the case
+                return str(self._fail(case, f"it raised {type(exc).__name__}: {exc}"))
+            got = self._norm(got)
+            want = self._norm(self.reference(**self.cases()[i].kwargs))
+            difference = describe_difference(got, want, atol=self.atol, rtol=self.rtol)
+            if difference is None:
+                continue
+            for mistake in self.mistakes:
+                wrong = self._norm(mistake.fn(**self.cases()[i].kwargs))
+                if describe_difference(got, wrong, atol=self.atol, rtol=self.rtol) is None:
+                    return str(self._fail(case, mistake.message))
+            if self.diagnose is not None:
+                specific = self.diagnose(got, want, self.cases()[i].kwargs)
+                if specific:
+                    return str(self._fail(case, specific))
+            return str(self._fail(case, difference))
+        return None
+
+    def __call__(self, fn: Callable[..., Any]) -> bool:
+        """Raise ``CheckFailure`` with the reason if ``fn`` is wrong; print a tick and return True if not."""
+        n_cases = len(self.cases())
+        message = self.explain(fn)
+        if message is not None:
+            raise CheckFailure(message) from None
+        print(f"✓ {self.name} passes all {n_cases} checks")
+        return True
