@@ -2,8 +2,9 @@
 
 A checker runs a learner's function on prepared cases and compares it with a reference. When the
 answer is wrong it says *what* is wrong: first by matching the answer against a library of known
-mistakes (each a small function that makes that mistake on purpose), then by asking a diagnosis
-callback for a domain-specific hint, and only then by describing the numerical difference.
+mistakes (each a small function that makes that mistake on purpose), then by describing a wrong
+structure (count, type, shape), then by asking a diagnosis callback for a domain-specific hint,
+and only then by describing where the numbers differ.
 
 Usage in a track module (see ``helpers.moe_checks`` and ``helpers.mla_checks``)::
 
@@ -93,7 +94,8 @@ class Checker:
             never shared with a learner's function that mutates them).
         reference: the correct implementation.
         mistakes: known mistakes, tried in order when the answer is wrong.
-        diagnose: optional ``(got, want, kwargs) -> str | None`` for domain-specific hints.
+        diagnose: optional ``(got, want, kwargs) -> str | None`` for domain-specific hints; called with
+            the normalized outputs, and only when their structure and shapes already match.
         normalize: optional map applied to both outputs before comparing (for example sorting
             routed experts so that index order does not matter).
         hint: shown when the function is still the exercise stub.
@@ -140,7 +142,7 @@ class Checker:
                 wrong = self._norm(mistake.fn(**self.cases()[i].kwargs))
                 if describe_difference(got, wrong, atol=self.atol, rtol=self.rtol) is None:
                     return str(self._fail(case, mistake.message))
-            if self.diagnose is not None:
+            if self.diagnose is not None and "values differ" in difference:  # same shapes: ask for a hint
                 specific = self.diagnose(got, want, self.cases()[i].kwargs)
                 if specific:
                     return str(self._fail(case, specific))

@@ -1,0 +1,103 @@
+import pathlib
+
+import nbformat
+import pytest
+import torch
+
+from helpers.checks import Case, Checker, CheckFailure, Mistake, describe_difference
+from helpers.exercises import make_exercise_notebook, strip_solutions
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _softmax_rows(x):
+    return x.softmax(dim=-1)
+
+
+check_softmax = Checker(
+    name="softmax_rows",
+    cases=lambda: [Case("3x4 logits", {"x": torch.randn(3, 4, generator=torch.Generator().manual_seed(0))})],
+    reference=_softmax_rows,
+    mistakes=[Mistake("wrong dim", lambda x: x.softmax(dim=0), "normalised over the wrong dimension: use dim=-1")],
+    diagnose=lambda got, want, kw: f"row 0 sums to {got[0].sum():.2f}" if abs(got[0].sum() - 1) > 1e-3 else None,
+    hint="x.softmax(dim=-1)",
+)
+
+
+def test_checker_passes_a_correct_function(capsys):
+    assert check_softmax(lambda x: torch.exp(x) / torch.exp(x).sum(-1, keepdim=True))
+    assert "✓ softmax_rows" in capsys.readouterr().out
+
+
+def test_checker_names_a_known_mistake():
+    with pytest.raises(CheckFailure, match="wrong dimension"):
+        check_softmax(lambda x: x.softmax(dim=0))
+
+
+def test_checker_uses_the_diagnosis_then_the_difference():
+    with pytest.raises(CheckFailure, match="row 0 sums to"):
+        check_softmax(lambda x: x.exp())
+    with pytest.raises(CheckFailure, match="largest difference"):
+        check_softmax(lambda x: x.softmax(-1).flip(-1))  # rows sum to 1, values misplaced
+    with pytest.raises(CheckFailure, match=r"shape \(3,\), expected \(3, 4\)"):
+        check_softmax(lambda x: x.sum(-1))
+
+
+def test_checker_reports_stub_and_crash():
+    def stub(x):
+        raise NotImplementedError("Exercise")
+    with pytest.raises(CheckFailure, match=r"(?s)still the exercise stub.*Hint: x.softmax"):
+        check_softmax(stub)
+    with pytest.raises(CheckFailure, match="raised ZeroDivisionError"):
+        check_softmax(lambda x: 1 / 0)
+
+
+def test_describe_difference_on_nested_outputs():
+    a = (torch.ones(2), torch.tensor([1, 2]))
+    assert describe_difference(a, (torch.ones(2), torch.tensor([1, 2]))) is None
+    assert "output 1" in describe_difference(a, (torch.ones(2), torch.tensor([1, 3])))
+    assert "returned 1 value" in describe_difference((torch.ones(2),), a)
+
+
+SOLVED = """def f(x):
+    y = 1
+    # BEGIN SOLUTION
+    # HINT: double it
+    z = 2 * x
+    # END SOLUTION
+    return z"""
+
+
+def test_strip_solutions_keeps_hint_and_raises():
+    out, n = strip_solutions(SOLVED)
+    assert n == 1
+    assert "2 * x" not in out and "# HINT: double it" in out
+    assert "    raise NotImplementedError('Exercise: double it')" in out
+    namespace = {}
+    exec(out, namespace)
+    with pytest.raises(NotImplementedError, match="double it"):
+        namespace["f"](3)
+
+
+@pytest.mark.parametrize(("source", "problem"), [
+    ("# BEGIN SOLUTION\nx = 1", "never closed"),
+    ("# END SOLUTION", "without a"),
+    ("# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION", "nested"),
+])
+def test_strip_solutions_rejects_broken_markers(source, problem):
+    with pytest.raises(ValueError, match=problem):
+        strip_solutions(source, where="demo.ipynb, cell 3")
+
+
+def test_exercise_versions_of_every_notebook(tmp_path):
+    """Every notebook converts; exercise notebooks have no outputs and no solution left."""
+    notebooks = sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
+    assert notebooks, "no notebooks found"
+    total = 0
+    for src in notebooks:
+        total += make_exercise_notebook(src, tmp_path / src.name)
+        nb = nbformat.read(tmp_path / src.name, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+        assert not any("# BEGIN SOLUTION" in c.source for c in nb.cells)
+    if len(notebooks) > 1:
+        assert total > 0, "the tracks should carry exercises"

@@ -1,0 +1,221 @@
+"""helpers.moe: routing, dispatch, balancing statistics and losses, gradients, config errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.moe import (
+    DeepSeekMoE,
+    SwiGLU,
+    affinity,
+    dispatch,
+    expert_level_aux_loss,
+    expert_load,
+    gating_weights,
+    max_violation,
+    route,
+    select_experts,
+    sequence_wise_aux_loss,
+    update_bias,
+)
+
+
+def loop_moe(x, weights, indices, w_gate_up, w_down):
+    """The definition, one token and one chosen expert at a time (V3 eq. 12, routed part)."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for g, e in zip(weights[t], indices[t]):
+            gate, up = (w_gate_up[e] @ x[t]).chunk(2)
+            out[t] += g * (w_down[e] @ (F.silu(gate) * up))
+    return out
+
+
+def test_swiglu_shapes_and_formula():
+    torch.manual_seed(0)
+    ffn = SwiGLU(8, 16)
+    u = torch.randn(2, 3, 8)
+    want = ffn.w_down.weight @ (F.silu(ffn.w_gate.weight @ u[1, 2]) * (ffn.w_up.weight @ u[1, 2]))
+    torch.testing.assert_close(ffn(u)[1, 2], want)
+
+
+def test_affinity():
+    logits = torch.tensor([[0.0, 1.0, -1.0]])
+    torch.testing.assert_close(affinity(logits, "softmax").sum(), torch.tensor(1.0))
+    torch.testing.assert_close(affinity(logits, "sigmoid"), torch.sigmoid(logits))
+    assert affinity(logits.half(), "sigmoid").dtype == torch.float32  # routed in fp32
+    with pytest.raises(ValueError, match="scoring_func"):
+        affinity(logits, "relu")
+
+
+def test_select_experts_group_limited_by_hand():
+    # 8 experts in 4 groups of 2. Group scores (top-2 sum): 0.9+0.0, 0.5+0.5, 0.8+0.1, 0.3+0.2
+    s = torch.tensor([[0.9, 0.0, 0.5, 0.5, 0.8, 0.1, 0.3, 0.2]])
+    # top2_sum keeps groups 1 (1.0) and 2 (0.9): experts {2, 3, 4, 5}; top-2 of those is {4, 2 or 3}
+    got = set(select_experts(s, 2, n_group=4, topk_group=2, group_score="top2_sum")[0].tolist())
+    assert 4 in got and got <= {2, 3, 4, 5} and 0 not in got
+    # max keeps groups 0 (0.9) and 2 (0.8): experts {0, 1, 4, 5}; top-2 is {0, 4}
+    assert set(select_experts(s, 2, n_group=4, topk_group=2, group_score="max")[0].tolist()) == {0, 4}
+    # no groups: plain top-2
+    assert set(select_experts(s, 2)[0].tolist()) == {0, 4}
+
+
+def test_gating_weights_normalise_then_scale():
+    s = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
+    idx = torch.tensor([[1, 2]])
+    torch.testing.assert_close(gating_weights(s, idx, False, 2.0), torch.tensor([[1.2, 0.4]]))
+    torch.testing.assert_close(gating_weights(s, idx, True, 2.0), torch.tensor([[1.5, 0.5]]))
+
+
+def test_bias_changes_the_choice_not_the_weight():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    w, idx = route(logits, scoring_func="sigmoid", top_k=1, norm_topk_prob=False)
+    assert idx.item() == 0
+    w, idx = route(logits, scoring_func="sigmoid", top_k=1, norm_topk_prob=False,
+                   bias=torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    assert idx.item() == 3
+    torch.testing.assert_close(w, torch.sigmoid(torch.tensor([[-1.0]])))  # s_3, not s_3 + b_3
+
+
+def test_dispatch_equals_the_loop():
+    torch.manual_seed(0)
+    n_tokens, hidden, inter, n_experts, top_k = 13, 8, 4, 6, 3
+    x = torch.randn(n_tokens, hidden)
+    w_gate_up, w_down = torch.randn(n_experts, 2 * inter, hidden), torch.randn(n_experts, hidden, inter)
+    indices = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n_tokens)])
+    indices[indices == 5] = 4  # expert 5 gets no token; expert 4 may appear twice in a row: both count
+    weights = torch.rand(n_tokens, top_k)
+    torch.testing.assert_close(dispatch(x, weights, indices, w_gate_up, w_down),
+                               loop_moe(x, weights, indices, w_gate_up, w_down))
+
+
+def test_layer_equals_its_definition():
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(16, 8, 8, 2, n_shared_experts=2, n_group=4, topk_group=2, routed_scaling_factor=2.0)
+    layer.bias.normal_()
+    x = torch.randn(2, 5, 16)
+    y = layer(x)
+    assert y.shape == x.shape
+    flat = x.reshape(-1, 16)
+    scores = torch.sigmoid(flat @ layer.gate_weight.T)
+    stats = layer.last_stats
+    torch.testing.assert_close(stats.weights, 2.0 * scores.gather(1, stats.indices)
+                               / scores.gather(1, stats.indices).sum(-1, keepdim=True))
+    want = loop_moe(flat, stats.weights, stats.indices, layer.w_gate_up, layer.w_down) + layer.shared_experts(flat)
+    torch.testing.assert_close(y.reshape(-1, 16), want)
+
+
+def test_statistics_by_hand():
+    indices = torch.tensor([[0, 3], [3, 2], [3, 1]])
+    load = expert_load(indices, 5)
+    assert load.tolist() == [1.0, 1.0, 1.0, 3.0, 0.0]
+    torch.testing.assert_close(max_violation(load), torch.tensor((3 - 1.2) / 1.2))
+    bias = update_bias(torch.zeros(5), load, 0.1)
+    torch.testing.assert_close(bias, torch.tensor([0.1, 0.1, 0.1, -0.1, 0.1]))
+
+
+def test_expert_level_aux_loss_by_hand():
+    scores = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1]])
+    indices = torch.tensor([[0, 1], [1, 0], [0, 2]])
+    n_e, k, t = 4, 2, 3
+    f = [n_e / (k * t) * sum(int(i in row) for row in indices.tolist()) for i in range(n_e)]  # V2 eq. 24
+    p = [sum(scores[j, i].item() for j in range(t)) / t for i in range(n_e)]  # V2 eq. 25
+    want = 0.01 * sum(fi * pi for fi, pi in zip(f, p))  # V2 eq. 23
+    torch.testing.assert_close(expert_level_aux_loss(scores, indices, n_e, 0.01), torch.tensor(want))
+
+
+def test_sequence_wise_aux_loss_by_hand():
+    torch.manual_seed(0)
+    b, t, n_e, k = 2, 5, 4, 2
+    scores = torch.rand(b, t, n_e)
+    indices = torch.stack([torch.stack([torch.randperm(n_e)[:k] for _ in range(t)]) for _ in range(b)])
+    losses = []
+    for seq in range(b):
+        loss = 0.0
+        for i in range(n_e):
+            f = n_e / (k * t) * sum(int(i in indices[seq, j].tolist()) for j in range(t))  # V3 eq. 18
+            p = sum((scores[seq, j, i] / scores[seq, j].sum()).item() for j in range(t)) / t  # V3 eq. 19-20
+            loss += f * p
+        losses.append(0.001 * loss)  # V3 eq. 17
+    got = sequence_wise_aux_loss(scores, indices, n_e, 0.001)
+    torch.testing.assert_close(got, torch.tensor(sum(losses) / b))
+
+
+def test_aux_losses_do_not_change_the_output():
+    torch.manual_seed(0)
+    plain = DeepSeekMoE(16, 8, 8, 2, scoring_func="softmax", norm_topk_prob=False)
+    with_losses = DeepSeekMoE(16, 8, 8, 2, scoring_func="softmax", norm_topk_prob=False,
+                              aux_loss_alpha=0.01, seq_aux_loss_alpha=0.001)
+    with_losses.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 4, 16)
+    torch.testing.assert_close(with_losses(x), plain(x))
+    assert plain.aux_loss.item() == 0.0
+    scores = torch.softmax(x.reshape(-1, 16) @ plain.gate_weight.T, dim=-1)
+    idx = with_losses.last_stats.indices
+    want = (expert_level_aux_loss(scores, idx, 8, 0.01)
+            + sequence_wise_aux_loss(scores.view(3, 4, 8), idx.view(3, 4, 2), 8, 0.001))
+    torch.testing.assert_close(with_losses.aux_loss, want)
+    with_losses.aux_loss.backward()
+    assert with_losses.gate_weight.grad.abs().sum() > 0  # the loss trains the router
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(6, 3, 4, 2, n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                        seq_aux_loss_alpha=0.1).double()
+    params = dict(layer.named_parameters())
+    names = list(params)
+    x = torch.randn(1, 5, 6, dtype=torch.float64, requires_grad=True)
+
+    def run(x, *tensors):
+        out = torch.func.functional_call(layer, dict(zip(names, tensors)), (x,))
+        return out, layer.aux_loss
+
+    inputs = (x, *[p.detach().clone().requires_grad_() for p in params.values()])
+    assert torch.autograd.gradcheck(run, inputs)
+
+
+def test_bias_gets_no_gradient():
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(8, 4, 4, 2, gamma=0.1, seq_aux_loss_alpha=0.1)
+    assert "bias" not in dict(layer.named_parameters()) and not layer.bias.requires_grad
+    out = layer(torch.randn(2, 3, 8))
+    (out.sum() + layer.aux_loss).backward()
+    assert layer.bias.grad is None and layer.gate_weight.grad is not None
+
+
+def test_update_bias_accumulates_training_load_then_restarts():
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(8, 4, 4, 1, gamma=0.25)
+    with pytest.raises(RuntimeError, match="forward"):
+        layer.update_bias()
+    x1, x2 = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    layer(x1)
+    load = layer.last_stats.load
+    layer(x2)
+    load = load + layer.last_stats.load
+    layer.eval()
+    layer(torch.randn(1, 50, 8))  # eval-mode forwards do not count
+    layer.update_bias()
+    torch.testing.assert_close(layer.bias, 0.25 * torch.sign(load.mean() - load))
+    assert not layer.load_since_update.any()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(num_experts_per_tok=5, n_group=4, topk_group=2), "num_experts_per_tok"),
+    (dict(n_group=3), "n_group"),
+    (dict(n_group=2, topk_group=3), "topk_group"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(moe_intermediate_size=-4), "moe_intermediate_size"),
+    (dict(n_routed_experts=0), "n_routed_experts"),
+    (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+    (dict(n_shared_experts=-1), "n_shared_experts"),
+    (dict(scoring_func="tanh"), "scoring_func"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+    (dict(gamma=-0.1), "gamma"),
+    (dict(aux_loss_alpha=-1.0), "aux_loss_alpha"),
+])
+def test_impossible_configs_name_the_field(kwargs, field):
+    args = dict(hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, num_experts_per_tok=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=field):
+        DeepSeekMoE(**args)
