@@ -12,7 +12,7 @@ export MPLBACKEND := Agg
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install --no-compile -r requirements.txt
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the pinned requirements
