@@ -17,8 +17,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the pinned requirements
 
+# JupyterLab refuses to run as root (containers) unless told it may.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: install  ## open JupyterLab on the first notebook
-	$(BIN)/jupyter lab notebooks/00_why_deepseek_is_cheap.ipynb
+	$(BIN)/jupyter lab $(LAB_FLAGS) notebooks/00_why_deepseek_is_cheap.ipynb
 
 test: install lint  ## lint, unit tests, then nbval over every notebook
 	$(BIN)/python -m pytest
