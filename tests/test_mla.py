@@ -118,7 +118,6 @@ def test_absorb_attribute_selects_the_path():
     layer = tiny_mla()
     x = torch.randn(1, 4, 32)
     seen = []
-    torch.manual_seed(0)
     with torch.no_grad():
         for absorb_attr in (False, True):
             layer.absorb = absorb_attr
@@ -200,3 +199,16 @@ def test_notebook_23_absorbed_attention_equals_helpers():
     torch.testing.assert_close(nb.absorbed_attention(**args), absorbed_attention(**args), atol=1e-5, rtol=1e-5)
     args.update(q_nope=args["q_nope"][:, :1], q_rope=args["q_rope"][:, :1], start_pos=s - 1)
     torch.testing.assert_close(nb.absorbed_attention(**args), absorbed_attention(**args), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_benchmark_smoke():
+    """The benchmark runs end to end on tiny sizes and measures bytes from the caches (no speed asserted)."""
+    from helpers.bench_mla import SMALL_ATTENTION, VARIANTS, decode_benchmark, summary
+
+    rows = decode_benchmark(SMALL_ATTENTION, contexts=(8, 16), repeats=1, warmup=0, verbose=False)
+    assert [(r["context"], r["variant"]) for r in rows] == [(c, v) for c in (8, 16) for v in VARIANTS]
+    per_token = {r["variant"]: r["bytes_per_token"] for r in rows}
+    n_h, d_v = SMALL_ATTENTION["n_heads"], SMALL_ATTENTION["v_head_dim"]
+    assert per_token["MHA"] == 2 * n_h * d_v * 4 and per_token["GQA"] == 2 * (n_h // 4) * d_v * 4
+    assert per_token["MLA absorbed"] == (SMALL_ATTENTION["kv_lora_rank"] + SMALL_ATTENTION["qk_rope_head_dim"]) * 4
+    assert "goal: MLA bytes/token" in summary(rows, SMALL_ATTENTION)

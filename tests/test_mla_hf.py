@@ -8,8 +8,14 @@ import pytest
 import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, DeepseekV2RotaryEmbedding
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+    DeepseekV2Attention,
+    DeepseekV2RotaryEmbedding,
+)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3RotaryEmbedding,
+)
 
 from helpers.configs import tiny_config
 from helpers.mla import LatentCache, MultiHeadLatentAttention
@@ -25,6 +31,15 @@ CONFIGS = {
     "v2 no q-compression (V2-Lite)": dict(version="v2", q_lora_rank=None),
 }
 T, PREFILL = 7, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids oversubscription stalls on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def hf_modules(config):

@@ -1,0 +1,141 @@
+"""Decode benchmark: MHA, GQA, MLA naive and MLA absorbed, one step at growing context lengths.
+
+``python -m helpers.bench mla`` measures attention sized like DeepSeek-V2-Lite (hidden 2048, 16 heads,
+``kv_lora_rank`` 512, ``qk_nope_head_dim`` 128, ``qk_rope_head_dim`` 64, ``v_head_dim`` 128, no query
+compression), batch 1, fp32, against MHA with the same 16 heads of width 128 and GQA with 4 key/value
+heads (``n_heads / 4``). For every context length each cache is filled with random entries in one write (no token-by-token
+prefill), then single decode steps are timed interleaved with :func:`helpers.bench.benchmark`. After each
+timed step the cache length is reset, so every step attends over exactly ``context + 1`` tokens.
+
+All caches (``KVCache`` and ``LatentCache``) are preallocated for the whole run and written in place: the
+same treatment for every variant. Cache bytes per token are measured from the cache tensors.
+
+Options: ``--contexts 1024 2048 ...``, ``--repeats N`` (halved from 8k on, at least 3), ``--threads N``,
+``--save results.json`` (for notebook 23's figure), ``--small`` (a seconds-long run, tiny sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from helpers.attention import KVCache, MultiHeadAttention
+from helpers.bench import benchmark, environment_line
+from helpers.mla import LatentCache, MultiHeadLatentAttention
+from helpers.utils import seed_everything
+
+V2_LITE_ATTENTION = dict(hidden_size=2048, n_heads=16, kv_lora_rank=512, qk_nope_head_dim=128,
+                         qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=None)
+SMALL_ATTENTION = dict(hidden_size=256, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
+                       qk_rope_head_dim=16, v_head_dim=32, q_lora_rank=None)
+VARIANTS = ("MHA", "GQA", "MLA naive", "MLA absorbed")
+
+
+def build_layers(attention: dict[str, Any], gqa_kv_heads: int | None = None) -> dict[str, torch.nn.Module]:
+    """The four layers compared: MHA and GQA (default ``n_heads / 4`` key/value heads) with ``v_head_dim``-wide
+    heads, and one MLA layer used twice."""
+    mla = MultiHeadLatentAttention(**attention)
+    h, n, d = attention["hidden_size"], attention["n_heads"], attention["v_head_dim"]
+    gqa_kv_heads = max(1, n // 4) if gqa_kv_heads is None else gqa_kv_heads
+    return {"MHA": MultiHeadAttention(h, n, d), "GQA": MultiHeadAttention(h, n, d, n_kv_heads=gqa_kv_heads),
+            "MLA naive": mla, "MLA absorbed": mla}
+
+
+def filled_cache(name: str, layer: torch.nn.Module, context: int, batch: int = 1) -> KVCache | LatentCache:
+    """A cache holding ``context`` random entries, with room for one more token."""
+    if name.startswith("MLA"):
+        cache = LatentCache(max_length=context + 1)
+        cache.append(torch.randn(batch, context, layer.kv_lora_rank), torch.randn(batch, context, layer.qk_rope_head_dim))
+        return cache
+    cache = KVCache(max_length=context + 1)
+    shape = (batch, layer.n_kv_heads, context, layer.head_dim)
+    cache.append(torch.randn(shape), torch.randn(shape))
+    return cache
+
+
+def decode_benchmark(attention: dict[str, Any] | None = None, contexts: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384),
+                     repeats: int = 6, warmup: int = 1, gqa_kv_heads: int | None = None, verbose: bool = True) -> list[dict]:
+    """Time one decode step of each variant at each context length (batch 1, fp32).
+
+    Returns:
+        One row per (context, variant): ``context``, ``variant``, ``ms`` (median), ``runs``, ``bytes_per_token``
+        (measured on the cache), ``x_MHA`` (time relative to MHA).
+    """
+    attention = dict(V2_LITE_ATTENTION if attention is None else attention)
+    seed_everything(0)
+    layers = build_layers(attention, gqa_kv_heads)
+    x = torch.randn(1, 1, attention["hidden_size"])  # (B, 1, H): the token being decoded
+    rows = []
+    with torch.inference_mode():
+        for context in contexts:
+            caches = {name: filled_cache(name, layer, context) for name, layer in layers.items()}
+            steps = {name: _step(layers[name], caches[name], x, context, name) for name in VARIANTS}
+            n = repeats if context < 8192 else max(3, repeats // 2)  # the naive path takes seconds per step at 16k
+            result = benchmark(steps, baseline="MHA", warmup=warmup, repeats=n,
+                               config=dict(context=context, batch=1, dtype="fp32", **attention))
+            if verbose:
+                print(result.table().split("\n", 1)[1], flush=True)
+            for name in VARIANTS:
+                rows.append(dict(context=context, variant=name, ms=1e3 * result.median(name), runs=n,
+                                 bytes_per_token=caches[name].bytes_per_token(), x_MHA=result.ratio(name)))
+    return rows
+
+
+def _step(layer: torch.nn.Module, cache: KVCache | LatentCache, x: torch.Tensor, context: int, name: str):
+    absorb = {"MLA naive": False, "MLA absorbed": True}.get(name)
+
+    def step() -> None:
+        layer(x, cache) if absorb is None else layer(x, cache, absorb=absorb)
+        cache.length = context  # forget the decoded token: every step sees context + 1 tokens
+
+    return step
+
+
+def summary(rows: list[dict], attention: dict[str, Any]) -> str:
+    """The table of times and bytes, and the three goals checked against the measurements."""
+    by = {(r["context"], r["variant"]): r for r in rows}
+    contexts = sorted({r["context"] for r in rows})
+    lines = [f"{'context':>8s}  " + "  ".join(f"{v + ' ms':>16s}" for v in VARIANTS)
+             + f"  {'naive/absorbed':>14s}  {'MHA/absorbed':>12s}"]
+    for c in contexts:
+        ms = [by[c, v]["ms"] for v in VARIANTS]
+        lines.append(f"{c:8d}  " + "  ".join(f"{m:16.2f}" for m in ms) + f"  {ms[2] / ms[3]:14.1f}  {ms[0] / ms[3]:12.2f}")
+    c0 = contexts[0]
+    lines.append("cache bytes per token per layer (measured): " + ", ".join(
+        f"{v} {by[c0, v]['bytes_per_token']:.0f}" for v in VARIANTS))
+    expected = (attention["kv_lora_rank"] + attention["qk_rope_head_dim"]) * 4
+    lines.append(f"goal: MLA bytes/token == (kv_lora_rank + qk_rope_head_dim) x 4 = {expected}: "
+                 f"{'met' if by[c0, 'MLA absorbed']['bytes_per_token'] == expected else 'NOT met'}")
+    top = contexts[-1]
+    speedup = by[top, "MLA naive"]["ms"] / by[top, "MLA absorbed"]["ms"]
+    lines.append(f"goal: absorbed >= 10x faster than naive at {top}: {speedup:.1f}x, "
+                 f"{'met' if speedup >= 10 else 'NOT met'}")
+    faster = [c for c in contexts if by[c, "MLA absorbed"]["ms"] < by[c, "MHA"]["ms"]]
+    lines.append(f"goal: absorbed faster than MHA from 4096 on: faster at {faster}, "
+                 f"{'met' if all(c in faster for c in contexts if c >= 4096) else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m helpers.bench mla", description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--small", action="store_true", help="tiny attention sizes, for a quick look")
+    parser.add_argument("--save", default=None, help="write the rows and the environment as JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    attention = SMALL_ATTENTION if args.small else V2_LITE_ATTENTION
+    print(environment_line())
+    print("attention: " + ", ".join(f"{k}={v}" for k, v in attention.items()) + "; batch 1, fp32; "
+          f"MHA {attention['n_heads']} heads of {attention['v_head_dim']}, GQA {max(1, attention['n_heads'] // 4)} "
+          "kv heads; caches preallocated, written in place")
+    rows = decode_benchmark(attention, tuple(args.contexts), repeats=args.repeats)
+    print(summary(rows, attention))
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(dict(environment=environment_line(), attention=attention, rows=rows), f, indent=1)

@@ -1,0 +1,193 @@
+"""MoE dispatch benchmark: naive loop, our sorted dispatch, the FLOP-equivalent dense SwiGLU, transformers.
+
+``python -m helpers.bench moe`` times, on one standard layer (hidden 512, expert width 256, 64 routed
+experts, top-6, 2 shared, ``n_group`` 1, fp32, the machine's threads):
+
+- ``dense SwiGLU``: one SwiGLU of width ``(top_k + n_shared) * I = 2048``, the same activated
+  parameters and FLOPs per token as the MoE layer (the baseline of every ratio);
+- ``ours``: :class:`helpers.moe.DeepSeekMoE` (router + sorted dispatch + shared experts);
+- ``transformers eager`` / ``transformers grouped_mm``: ``DeepseekV3MoE`` with the identical weights
+  (built by :func:`helpers.moe_hf.moe_to_hf`), with its eager and its ``grouped_mm`` experts paths;
+- ``naive loop``: the definition, one token and one chosen expert at a time (only up to
+  ``--naive-max-tokens`` tokens: it is far too slow beyond).
+
+Forward (under ``torch.no_grad``) and forward+backward (gradients of every weight and the input),
+for the standard token count and a sweep of token counts. Speed is measured here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from helpers.bench import BenchResult, benchmark, environment_line
+from helpers.moe import DeepSeekMoE, SwiGLU
+
+STANDARD = dict(hidden_size=512, moe_intermediate_size=256, n_routed_experts=64, num_experts_per_tok=6,
+                n_shared_experts=2, n_group=1, topk_group=1)
+BASELINE = "dense SwiGLU"
+
+
+def naive_moe(layer: DeepSeekMoE, u: torch.Tensor) -> torch.Tensor:
+    """V3 eq. 12 read literally: for every token, for every chosen expert, one small SwiGLU (slow)."""
+    x = u.reshape(-1, layer.hidden_size)  # (T, H)
+    logits = x @ layer.gate_weight.T  # (T, E)
+    scores = torch.sigmoid(logits) if layer.scoring_func == "sigmoid" else logits.softmax(-1)
+    indices = (scores + layer.bias).topk(layer.top_k, dim=-1).indices  # (T, k)
+    weights = scores.gather(1, indices)  # (T, k)
+    if layer.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    weights = weights * layer.routed_scaling_factor
+    rows = []
+    for t in range(x.shape[0]):
+        y_t = layer.shared_experts(x[t]) if layer.shared_experts is not None else torch.zeros_like(x[t])
+        for g, e in zip(weights[t], indices[t].tolist()):
+            gate, up = (layer.w_gate_up[e] @ x[t]).chunk(2)  # (I,) each
+            y_t = y_t + g * (layer.w_down[e] @ (F.silu(gate) * up))  # (H,)
+        rows.append(y_t)
+    return torch.stack(rows).reshape(u.shape)
+
+
+def build(seed: int = 0, **sizes: Any) -> dict[str, Any]:
+    """The layers of one comparison: ours, transformers (eager, grouped_mm) on the same weights, dense."""
+    from helpers.moe_hf import hf_config_for, moe_to_hf
+
+    fields = {**STANDARD, **sizes}
+    torch.manual_seed(seed)
+    ours = DeepSeekMoE(**fields, scoring_func="sigmoid", norm_topk_prob=True)
+    hf_eager = moe_to_hf(ours)
+    config = hf_config_for(ours)
+    config._experts_implementation = "grouped_mm"
+    hf_grouped = moe_to_hf(ours, config)
+    width = (fields["num_experts_per_tok"] + fields["n_shared_experts"]) * fields["moe_intermediate_size"]
+    dense = SwiGLU(fields["hidden_size"], width)
+    return dict(ours=ours, hf_eager=hf_eager, hf_grouped=hf_grouped, dense=dense, fields=fields)
+
+
+def variants(layers: dict[str, Any], tokens: int, *, backward: bool, naive_max_tokens: int = 256,
+             with_transformers: bool = True) -> dict[str, Any]:
+    """Zero-argument callables, one per variant, each running one forward (or forward+backward)."""
+    x = torch.randn(1, tokens, layers["fields"]["hidden_size"])
+    modules = {BASELINE: layers["dense"], "ours": layers["ours"]}
+    if with_transformers:
+        modules.update({"transformers eager": layers["hf_eager"], "transformers grouped_mm": layers["hf_grouped"]})
+    if tokens <= naive_max_tokens:
+        modules["naive loop"] = lambda u: naive_moe(layers["ours"], u)
+
+    def make(fn):
+        if not backward:
+            def run():
+                with torch.no_grad():
+                    fn(x)
+            return run
+        x_grad = x.clone().requires_grad_()
+        params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else list(layers["ours"].parameters())
+
+        def run():
+            for p in params:
+                p.grad = None
+            x_grad.grad = None
+            fn(x_grad).sum().backward()
+        return run
+
+    return {name: make(fn) for name, fn in modules.items()}
+
+
+def check_equal(layers: dict[str, Any], tokens: int = 64) -> None:
+    """The variants compute the same layer (so the comparison is fair)."""
+    x = torch.randn(1, tokens, layers["fields"]["hidden_size"])
+    with torch.no_grad():
+        want = layers["ours"](x)
+        for name in ("hf_eager", "hf_grouped"):
+            torch.testing.assert_close(layers[name](x), want, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(naive_moe(layers["ours"], x[:, :8]), want[:, :8], atol=1e-4, rtol=1e-4)
+
+
+def run(layers: dict[str, Any], tokens: int, *, backward: bool, warmup: int = 1, repeats: int = 5,
+        naive_max_tokens: int = 256, with_transformers: bool = True) -> BenchResult:
+    """Time every variant at ``tokens`` tokens; ratios are relative to the dense SwiGLU."""
+    config = {**layers["fields"], "tokens": tokens, "dtype": "fp32",
+              "pass": "forward+backward" if backward else "forward"}
+    return benchmark(variants(layers, tokens, backward=backward, naive_max_tokens=naive_max_tokens,
+                              with_transformers=with_transformers),
+                     baseline=BASELINE, warmup=warmup, repeats=repeats, config=config)
+
+
+def sweep(layers: dict[str, Any], token_counts: list[int], *, backward: bool, **kw: Any) -> dict[int, BenchResult]:
+    """:func:`run` for each token count."""
+    return {t: run(layers, t, backward=backward, **kw) for t in token_counts}
+
+
+def sweep_table(results: dict[int, BenchResult]) -> str:
+    """Median milliseconds per variant (columns) and token count (rows); '-' where not measured."""
+    names = list(dict.fromkeys(n for r in results.values() for n in r.times))
+    width = max(12, *(len(n) for n in names))
+    lines = ["tokens  " + "  ".join(f"{n:>{width}s}" for n in names)]
+    for tokens, r in results.items():
+        cells = [f"{1e3 * r.median(n):{width}.1f}" if n in r.times else f"{'-':>{width}s}" for n in names]
+        lines.append(f"{tokens:6d}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_sweep(forward: dict[int, BenchResult], backward: dict[int, BenchResult] | None = None):
+    """Time per token against the token count, one line per variant (log-log); returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from helpers.plotting import axes
+
+    panels = [("forward", forward)] + ([("forward+backward", backward)] if backward else [])
+    fig, axs = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.0), squeeze=False)
+    for ax, (label, results) in zip(axs[0], panels):
+        axes(f"MoE layer, {label}", "tokens in the batch", "time per token (µs)", ax=ax)
+        names = list(dict.fromkeys(n for r in results.values() for n in r.times))
+        for name in names:
+            pts = [(t, 1e6 * r.median(name) / t) for t, r in results.items() if name in r.times]
+            ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if name == BASELINE else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m helpers.bench moe", description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="token count of the standard table")
+    parser.add_argument("--sweep", type=int, nargs="*", default=[128, 512, 2048],
+                        help="token counts of the sweep (none: skip it)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--naive-max-tokens", type=int, default=128)
+    parser.add_argument("--no-backward", action="store_true", help="forward only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's)")
+    parser.add_argument("--plot", default=None, help="save the sweep plot to this PNG")
+    parser.add_argument("--save", default=None, help="write every median (ms) and the environment as JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layers = build()
+    check_equal(layers)
+    passes = [False] if args.no_backward else [False, True]
+    kw = dict(warmup=args.warmup, repeats=args.repeats, naive_max_tokens=args.naive_max_tokens)
+    saved: dict[str, Any] = {"environment": environment_line(), "layer": layers["fields"]}
+    for backward in passes:
+        label = "forward+backward" if backward else "forward"
+        result = run(layers, args.tokens, backward=backward, **kw)
+        print(result, end="\n\n", flush=True)
+        saved[f"standard {label}"] = {n: 1e3 * result.median(n) for n in result.times}
+    sweeps = {}
+    for backward in passes:
+        label = "forward+backward" if backward else "forward"
+        if args.sweep:
+            sweeps[label] = sweep(layers, args.sweep, backward=backward, **kw)
+            print(f"sweep, {label}, median ms:\n{sweep_table(sweeps[label])}\n", flush=True)
+            saved[f"sweep {label}"] = {t: {n: 1e3 * r.median(n) for n in r.times} for t, r in sweeps[label].items()}
+    if args.plot and sweeps:
+        plot_sweep(sweeps["forward"], sweeps.get("forward+backward")).savefig(args.plot)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(saved, f, indent=1)
