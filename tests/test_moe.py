@@ -219,3 +219,32 @@ def test_impossible_configs_name_the_field(kwargs, field):
     args.update(kwargs)
     with pytest.raises(ValueError, match=field):
         DeepSeekMoE(**args)
+
+
+def test_notebook_11_sorted_dispatch_equals_helpers_dispatch():
+    from nbload import load_notebook
+
+    from helpers import moe_checks
+
+    nb = load_notebook("11_moe_efficient_dispatch.ipynb")
+    torch.manual_seed(0)
+    experts = moe_checks.make_experts(5, 8, 4, seed=3)
+    x, weights = torch.randn(9, 8), torch.rand(9, 2)
+    indices = torch.rand(9, 5).topk(2, dim=-1).indices
+    with torch.no_grad():
+        want = dispatch(x, weights, indices, *moe_checks.stack_experts(experts))
+        for fn in (nb.sorted_dispatch, nb.naive_dispatch, nb.expert_loop):
+            torch.testing.assert_close(fn(x, weights, indices, experts), want)
+
+
+def test_notebook_11_checker_passes_the_solution_and_fails_the_stub():
+    from nbload import load_notebook
+
+    from helpers import moe_checks
+    from helpers.checks import CheckFailure
+
+    with torch.no_grad():
+        moe_checks.check_sorted_dispatch(load_notebook("11_moe_efficient_dispatch.ipynb").sorted_dispatch)
+        stub = load_notebook("11_moe_efficient_dispatch.ipynb", exercise=True).sorted_dispatch
+        with pytest.raises((CheckFailure, NotImplementedError)):
+            moe_checks.check_sorted_dispatch(stub)
