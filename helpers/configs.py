@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, MixtralConfig
 
+from helpers.moe import validate_routing
 from helpers.utils import require_positive
 
 # Small enough for a laptop, big enough that every code path is exercised:
@@ -56,17 +57,8 @@ def validate_deepseek_fields(fields: dict[str, Any]) -> None:
         "moe_intermediate_size", "num_hidden_layers", "n_group", "topk_group")})
     if fields.get("qk_rope_head_dim", 2) % 2:
         raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {fields['qk_rope_head_dim']}")
-    n_experts, n_group = fields.get("n_routed_experts", 1), fields.get("n_group") or 1
-    if n_experts % n_group:
-        raise ValueError(f"n_routed_experts ({n_experts}) must be divisible by n_group ({n_group})")
-    topk_group = fields.get("topk_group") or 1
-    if topk_group > n_group:
-        raise ValueError(f"topk_group ({topk_group}) must be at most n_group ({n_group})")
-    reachable = topk_group * (n_experts // n_group)
-    if fields.get("num_experts_per_tok", 1) > reachable:
-        raise ValueError(f"num_experts_per_tok ({fields['num_experts_per_tok']}) exceeds the {reachable} experts "
-                         f"reachable in topk_group={topk_group} groups of {n_experts // n_group}; "
-                         "lower num_experts_per_tok or raise topk_group")
+    validate_routing(fields.get("n_routed_experts", 1), fields.get("num_experts_per_tok", 1),
+                     fields.get("n_group") or 1, fields.get("topk_group") or 1)
 
 
 def deepseek_v3() -> DeepseekV3Config:
