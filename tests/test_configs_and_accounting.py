@@ -2,7 +2,13 @@ import pytest
 import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3ForCausalLM
 
-from helpers.accounting import count_parameters, kv_cache_bytes, kv_cache_elements, kv_cache_elements_of, meta_model
+from helpers.accounting import (
+    count_parameters,
+    kv_cache_bytes,
+    kv_cache_elements,
+    kv_cache_elements_of,
+    meta_model,
+)
 from helpers.configs import deepseek_v2, deepseek_v2_lite, deepseek_v3, tiny_config
 
 
