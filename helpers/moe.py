@@ -61,8 +61,8 @@ class SwiGLU(nn.Module):
 def validate_routing(n_routed_experts: int, num_experts_per_tok: int, n_group: int = 1, topk_group: int = 1) -> None:
     """Raise ``ValueError`` naming the field if group-limited top-k routing is impossible.
 
-    The same rules as ``helpers.configs.validate_deepseek_fields``, kept here so that importing this
-    module does not import ``transformers`` (about 15 s on a slow machine).
+    The one home of these rules: ``helpers.configs.validate_deepseek_fields`` calls it too. It lives
+    here so that importing this module does not import ``transformers`` (about 15 s on a slow machine).
     """
     require_positive(n_routed_experts=n_routed_experts, num_experts_per_tok=num_experts_per_tok,
                      n_group=n_group, topk_group=topk_group)
