@@ -7,15 +7,6 @@ from helpers.attention import KVCache, MultiHeadAttention, causal_mask
 from helpers.utils import seed_everything
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("n_kv_heads", [None, 2, 1], ids=["MHA", "GQA", "MQA"])
 @pytest.mark.parametrize("rope_theta", [None, 10000.0], ids=["no-rope", "rope"])
 def test_cached_decode_equals_full_recomputation(n_kv_heads, rope_theta):

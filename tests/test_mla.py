@@ -19,15 +19,6 @@ from helpers.utils import seed_everything
 NOTEBOOK_23 = "23_mla_weight_absorption.ipynb"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_mla(q_lora_rank=12, **kwargs):
     return MultiHeadLatentAttention(hidden_size=32, n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
                                     qk_rope_head_dim=4, v_head_dim=6, q_lora_rank=q_lora_rank, **kwargs)

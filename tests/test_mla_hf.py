@@ -33,15 +33,6 @@ CONFIGS = {
 T, PREFILL = 7, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hf_modules(config):
     """A transformers attention layer with non-trivial norm weights, and the model's rotary embedding."""
     v2 = config.model_type == "deepseek_v2"
