@@ -23,8 +23,13 @@ a copy (``helpers.hf.moe_from_hf`` / ``moe_to_hf``).
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,7 @@ from torch import Tensor, nn
 
 from helpers.utils import require_positive
 
+R = TypeVar("R")
 SCORING_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("top2_sum", "max")
 
@@ -193,13 +199,180 @@ def route(logits: Tensor, *, scoring_func: str, top_k: int, n_group: int = 1, to
 
 # ---------------------------------------------------------------------------------------- dispatch
 
-def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+def sort_by_expert(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Sort the ``T*k`` (token, expert) pairs by expert: the pair order, their tokens, and slice bounds.
+
+    Args:
+        indices: (T, k) chosen experts.
+        n_experts: ``E``.
+
+    Returns:
+        order (T*k,): pair ids (into ``indices.reshape(-1)``) sorted by expert;
+        token (T*k,): the token of each sorted pair;
+        bounds: ``E + 1`` ints, expert ``e``'s pairs are ``order[bounds[e]:bounds[e + 1]]``
+        (the one host-device sync of the dispatch).
+    """
+    flat = indices.reshape(-1)  # (T*k,)
+    order = flat.argsort(stable=True)  # (T*k,)
+    token = order // indices.shape[1]  # (T*k,)
+    counts = torch.bincount(flat, minlength=n_experts)  # (E,)
+    bounds = [0, *torch.cumsum(counts, 0).tolist()]
+    return order, token, bounds
+
+
+def split_experts(bounds: list[int], n_parts: int) -> list[range]:
+    """Cut the experts into at most ``n_parts`` consecutive ranges holding about equal numbers of pairs."""
+    total, n_experts = bounds[-1], len(bounds) - 1
+    cuts = [0, *(min(bisect.bisect_left(bounds, total * p / n_parts), n_experts) for p in range(1, n_parts)),
+            n_experts]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:]) if bounds[b] > bounds[a]]
+
+
+@functools.cache
+def _thread_pool(n_workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n_workers, thread_name_prefix="experts")
+
+
+def expert_parallel(fn: Callable[..., R], parts: list[tuple]) -> list[R]:
+    """``[fn(*part) for part in parts]``, one CPU thread per part, each part's matmuls single-threaded.
+
+    Expert parallelism on one machine: instead of splitting every (small) expert matmul across the
+    cores, which costs a synchronisation of all threads per matmul, each core runs whole experts on
+    its own. The intra-op thread count is set to 1 while the parts run (a process-wide setting) and
+    restored after; autograd is off in the workers (the callers handle gradients themselves).
+    """
+    def run(part: tuple) -> R:
+        with torch.no_grad():
+            return fn(*part)
+
+    if len(parts) <= 1:
+        return [run(part) for part in parts]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return list(_thread_pool(len(parts)).map(run, parts))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _routed_forward(u: Tensor, g: Tensor, token: Tensor, bounds: list[int], w_gate_up: Tensor, w_down: Tensor,
+                    experts: range, y: Tensor, hs: list[Tensor] | None) -> None:
+    """The forward of :class:`SortedDispatch` for some experts: adds their ``g FFN(u)`` to ``y`` (T, H).
+
+    Appends each expert's ``h`` to ``hs`` when given (for the backward), empty experts included.
+    """
+    n_inter = w_down.shape[-1]
+    for e in experts:
+        start, end = bounds[e], bounds[e + 1]
+        tok = token[start:end]  # (n_e,)
+        h = u.index_select(0, tok) @ w_gate_up[e].T  # (n_e, 2I)
+        gate, up = h.split(n_inter, dim=-1)  # (n_e, I) each
+        o = F.silu(gate).mul_(up) @ w_down[e].T  # (n_e, H)
+        y.index_add_(0, tok, o.mul_(g[start:end, None]))
+        if hs is not None:
+            hs.append(h)
+
+
+def _routed_backward(grad_y: Tensor, u: Tensor, g: Tensor, token: Tensor, bounds: list[int], w_gate_up: Tensor,
+                     w_down: Tensor, experts: range, hs: list[Tensor], grad_u: Tensor | None,
+                     grads: dict[str, Tensor]) -> None:
+    """The backward of :class:`SortedDispatch` for some experts: adds to ``grad_u``, writes their slices of ``grads``."""
+    n_inter = w_down.shape[-1]
+    for e, h in zip(experts, hs):
+        start, end = bounds[e], bounds[e + 1]
+        tok, g_e = token[start:end], g[start:end, None]  # (n_e,), (n_e, 1)
+        gate, up = h.split(n_inter, dim=-1)  # (n_e, I) each
+        s = torch.sigmoid(gate)
+        silu = gate * s  # (n_e, I)
+        a = silu * up  # (n_e, I)
+        go = grad_y.index_select(0, tok)  # (n_e, H)
+        da = go @ w_down[e]  # (n_e, I), before the gating value
+        if "g" in grads:
+            grads["g"][start:end] = (da * a).sum(-1)
+        if "w_down" in grads:
+            torch.mm((go * g_e).T, a, out=grads["w_down"][e])
+        da.mul_(g_e)
+        dh = torch.cat([da * up * s * (1 + gate * (1 - s)), da * silu], dim=-1)  # (n_e, 2I)
+        if "w_gate_up" in grads:
+            torch.mm(dh.T, u.index_select(0, tok), out=grads["w_gate_up"][e])
+        if grad_u is not None:
+            grad_u.index_add_(0, tok, dh @ w_gate_up[e])
+
+
+class SortedDispatch(torch.autograd.Function):
+    """The routed experts of V3 eq. 12, ``y_t = sum_i g_{i,t} FFN_i(u_t)``, with a hand-written backward.
+
+    Forward, expert by expert over the pairs sorted by expert: gather the expert's tokens
+    ``x = u[tok]`` (n_e, H), ``h = x W_gate_up^T`` (n_e, 2I), ``a = SiLU(gate) * up`` (n_e, I),
+    ``o = a W_down^T`` (n_e, H), and add ``g * o`` to the tokens' rows with ``index_add_``. Every
+    buffer is one expert's slice (small, reused by the allocator), never a ``T*k``-row copy, and only
+    ``h`` is kept for the backward.
+
+    Backward, expert by expert, with ``go = dL/dy[tok]`` (n_e, H)::
+
+        da_raw = go W_down                  dL/dg   = sum_j da_raw * a       (the gating gradient)
+        da     = g * da_raw                 dW_down = (g * go)^T a
+        dgate  = da * up * SiLU'(gate)      dup     = da * SiLU(gate)        SiLU'(z) = s(z)(1 + z(1 - s(z)))
+        dh     = [dgate, dup]               dW_gate_up = dh^T x,   dL/du[tok] += dh W_gate_up
+
+    Six matrix products per expert in all (two forward, four backward), the same count as a dense
+    SwiGLU under autograd. Both passes run the experts in ``n_workers`` parts with
+    :func:`expert_parallel`. :func:`dispatch` calls it; the indices get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                n_workers: int) -> Tensor:
+        order, token, bounds = sort_by_expert(indices, w_gate_up.shape[0])
+        g = weights.reshape(-1)[order].to(u.dtype)  # (T*k,) gating values of the sorted pairs
+        parts = [(experts, torch.zeros_like(u), []) for experts in split_experts(bounds, n_workers)]
+        expert_parallel(lambda experts, y, hs: _routed_forward(u, g, token, bounds, w_gate_up, w_down, experts, y, hs),
+                        parts)
+        ctx.save_for_backward(u, w_gate_up, w_down, order, token, g, *(h for *_, hs in parts for h in hs))
+        ctx.bounds, ctx.ranges = bounds, [experts for experts, *_ in parts]
+        ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
+        return sum_parts([y for _, y, _ in parts], u)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        u, w_gate_up, w_down, order, token, g, *hs = ctx.saved_tensors
+        need_u, need_weights, _, need_gate_up, need_down, _ = ctx.needs_input_grad
+        grads = {name: torch.zeros_like(t) for name, t, need in
+                 (("g", g, need_weights), ("w_gate_up", w_gate_up, need_gate_up), ("w_down", w_down, need_down))
+                 if need}
+        grad_y = grad_y.contiguous()
+        next_h = iter(hs)
+        parts = [(experts, [next(next_h) for _ in experts], torch.zeros_like(u) if need_u else None)
+                 for experts in ctx.ranges]
+        expert_parallel(lambda experts, part_hs, grad_u: _routed_backward(
+            grad_y, u, g, token, ctx.bounds, w_gate_up, w_down, experts, part_hs, grad_u, grads), parts)
+        grad_weights = None
+        if need_weights:
+            grad_weights = torch.empty_like(g).index_copy_(0, order, grads["g"])
+            grad_weights = grad_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
+        grad_u = sum_parts([grad_u for *_, grad_u in parts], u) if need_u else None
+        return grad_u, grad_weights, None, grads.get("w_gate_up"), grads.get("w_down"), None
+
+
+def sum_parts(parts: list[Tensor], like: Tensor) -> Tensor:
+    """The sum of the parts' partial results, in place into the first (zeros like ``like`` if none)."""
+    if not parts:
+        return torch.zeros_like(like)
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
+             n_workers: int | None = None) -> Tensor:
     """``sum_i g_{i,t} FFN_i(u_t)`` over the chosen experts, computed expert by expert (V3 eq. 12).
 
-    The efficient way: sort the ``T*k`` (token, expert) pairs by expert once, gather the token rows
-    into one contiguous block, run each expert as two matrix multiplications on its slice, weight
-    the rows by ``g`` and add them back to their tokens with ``index_add_``. Every expert sees all of
-    its tokens at once (large matmuls), and there is a single host-device sync (the counts).
+    The efficient way (notebook 11): sort the ``T*k`` (token, expert) pairs by expert once, run each
+    expert as two matrix multiplications on all of its tokens at once, weight the rows by ``g`` and
+    add them back to their tokens with ``index_add_``; one host-device sync (the slice bounds). The
+    work is :class:`SortedDispatch` (a hand-written backward that keeps memory traffic per expert),
+    with the experts shared out over ``n_workers`` CPU threads (:func:`expert_parallel`).
 
     Args:
         u: (T, H) tokens.
@@ -207,25 +380,21 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
         indices: (T, k) chosen experts.
         w_gate_up: (E, 2I, H) fused gate and up projections (gate rows first), like ``transformers``.
         w_down: (E, H, I) down projections.
+        n_workers: threads to share the experts over; default ``torch.get_num_threads()``.
 
     Returns:
         (T, H), in ``u``'s dtype.
     """
-    n_tokens, top_k = indices.shape
-    n_experts, two_i, _ = w_gate_up.shape
-    flat = indices.reshape(-1)  # (T*k,)
-    order = flat.argsort(stable=True)  # (T*k,) pairs sorted by expert
-    token = order // top_k  # (T*k,) token of each sorted pair
-    counts = torch.bincount(flat, minlength=n_experts).tolist()  # one sync: rows per expert
-    x = u[token]  # (T*k, H) token rows, grouped by expert
-    outputs = []
-    for e, x_e in enumerate(x.split(counts)):
-        if counts[e] == 0:
-            continue
-        gate, up = (x_e @ w_gate_up[e].T).split(two_i // 2, dim=-1)  # (n_e, I) each
-        outputs.append((F.silu(gate) * up) @ w_down[e].T)  # (n_e, H)
-    y = torch.cat(outputs) * weights.reshape(-1)[order, None].to(u.dtype)  # (T*k, H)
-    return torch.zeros_like(u).index_add_(0, token, y)  # (T, H)
+    n_workers = n_workers or torch.get_num_threads()
+    require_positive(n_workers=n_workers)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
+        return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
+    order, token, bounds = sort_by_expert(indices, w_gate_up.shape[0])
+    g = weights.reshape(-1)[order].to(u.dtype)  # (T*k,)
+    parts = [(experts, torch.zeros_like(u), None) for experts in split_experts(bounds, n_workers)]
+    expert_parallel(lambda experts, y, _: _routed_forward(u, g, token, bounds, w_gate_up, w_down, experts, y, None),
+                    parts)
+    return sum_parts([y for _, y, _ in parts], u)
 
 
 # ------------------------------------------------------------------------------ balance statistics
