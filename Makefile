@@ -42,7 +42,7 @@ exercises: install  ## write the workshop versions (solutions replaced by stubs)
 	$(BIN)/python -m helpers.exercises notebooks exercises
 
 bench: install  ## the MoE and MLA benchmarks (minutes; not part of the tests)
-	$(BIN)/python -m helpers.bench moe
+	$(BIN)/python -m helpers.bench moe --save notebooks/results/bench_moe.json
 	$(BIN)/python -m helpers.bench mla
 
 clean:

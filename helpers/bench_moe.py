@@ -122,36 +122,66 @@ def sweep(layers: dict[str, Any], token_counts: list[int], *, backward: bool, **
     return {t: run(layers, t, backward=backward, **kw) for t in token_counts}
 
 
-def sweep_table(results: dict[int, BenchResult]) -> str:
+def medians_ms(results: dict[int, BenchResult]) -> dict[int, dict[str, float]]:
+    """Median milliseconds per token count and variant: what the table, the plot and ``--save`` use."""
+    return {tokens: {n: 1e3 * r.median(n) for n in r.times} for tokens, r in results.items()}
+
+
+def sweep_table(medians: dict[int, dict[str, float]]) -> str:
     """Median milliseconds per variant (columns) and token count (rows); '-' where not measured."""
-    names = list(dict.fromkeys(n for r in results.values() for n in r.times))
+    names = list(dict.fromkeys(n for row in medians.values() for n in row))
     width = max(12, *(len(n) for n in names))
     lines = ["tokens  " + "  ".join(f"{n:>{width}s}" for n in names)]
-    for tokens, r in results.items():
-        cells = [f"{1e3 * r.median(n):{width}.1f}" if n in r.times else f"{'-':>{width}s}" for n in names]
+    for tokens, row in medians.items():
+        cells = [f"{row[n]:{width}.1f}" if n in row else f"{'-':>{width}s}" for n in names]
         lines.append(f"{tokens:6d}  " + "  ".join(cells))
     return "\n".join(lines)
 
 
-def plot_sweep(forward: dict[int, BenchResult], backward: dict[int, BenchResult] | None = None):
-    """Time per token against the token count, one line per variant (log-log); returns the figure."""
+def plot_sweep(forward: dict[int, dict[str, float]], backward: dict[int, dict[str, float]] | None = None):
+    """Time per token against the token count, one line per variant (log-log); returns the figure.
+
+    Args:
+        forward, backward: median milliseconds per token count and variant (:func:`medians_ms`, or
+            the ``"sweep forward"`` / ``"sweep forward+backward"`` entries of :func:`load_saved`).
+    """
     import matplotlib.pyplot as plt
 
     from helpers.plotting import axes
 
     panels = [("forward", forward)] + ([("forward+backward", backward)] if backward else [])
     fig, axs = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.0), squeeze=False)
-    for ax, (label, results) in zip(axs[0], panels):
-        axes(f"MoE layer, {label}", "tokens in the batch", "time per token (µs)", ax=ax)
-        names = list(dict.fromkeys(n for r in results.values() for n in r.times))
+    for ax, (label, medians) in zip(axs[0], panels):
+        axes(f"MoE layer, {label}", "tokens in the batch", "time per token (µs, median)", ax=ax)
+        names = list(dict.fromkeys(n for row in medians.values() for n in row))
         for name in names:
-            pts = [(t, 1e6 * r.median(name) / t) for t, r in results.items() if name in r.times]
+            pts = [(t, 1e3 * row[name] / t) for t, row in sorted(medians.items()) if name in row]
             ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if name == BASELINE else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def load_saved(path: str) -> dict[str, Any]:
+    """Read a ``--save`` file back, with the token counts of the sweeps as ints."""
+    with open(path) as f:
+        saved = json.load(f)
+    for key in [k for k in saved if k.startswith("sweep ")]:
+        saved[key] = {int(t): row for t, row in saved[key].items()}
+    return saved
+
+
+def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, int]:
+    """``["n_routed_experts=8", ...]`` -> ``{"n_routed_experts": 8}``; unknown fields or non-integers are errors."""
+    overrides = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        if field not in STANDARD or not value.strip().isdigit():
+            parser.error(f"--set {item!r}: expected FIELD=INT with FIELD one of {', '.join(STANDARD)}")
+        overrides[field] = int(value)
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,30 +194,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--naive-max-tokens", type=int, default=128)
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                        help=f"change a field of the standard layer, e.g. --set n_routed_experts=8; fields: {', '.join(STANDARD)}")
     parser.add_argument("--plot", default=None, help="save the sweep plot to this PNG")
     parser.add_argument("--save", default=None, help="write every median (ms) and the environment as JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    layers = build()
+    layers = build(**parse_overrides(parser, args.set))
     check_equal(layers)
     passes = [False] if args.no_backward else [False, True]
     kw = dict(warmup=args.warmup, repeats=args.repeats, naive_max_tokens=args.naive_max_tokens)
-    saved: dict[str, Any] = {"environment": environment_line(), "layer": layers["fields"]}
+    saved: dict[str, Any] = {"environment": environment_line(), "layer": layers["fields"],
+                             "repeats": args.repeats, "warmup": args.warmup}
     for backward in passes:
         label = "forward+backward" if backward else "forward"
         result = run(layers, args.tokens, backward=backward, **kw)
         print(result, end="\n\n", flush=True)
-        saved[f"standard {label}"] = {n: 1e3 * result.median(n) for n in result.times}
-    sweeps = {}
+        saved[f"standard {label}"] = medians_ms({args.tokens: result})[args.tokens]
+        saved[f"standard {label} range"] = {n: [1e3 * min(t), 1e3 * max(t)] for n, t in result.times.items()}
     for backward in passes:
         label = "forward+backward" if backward else "forward"
         if args.sweep:
-            sweeps[label] = sweep(layers, args.sweep, backward=backward, **kw)
-            print(f"sweep, {label}, median ms:\n{sweep_table(sweeps[label])}\n", flush=True)
-            saved[f"sweep {label}"] = {t: {n: 1e3 * r.median(n) for n in r.times} for t, r in sweeps[label].items()}
-    if args.plot and sweeps:
-        plot_sweep(sweeps["forward"], sweeps.get("forward+backward")).savefig(args.plot)
+            medians = medians_ms(sweep(layers, args.sweep, backward=backward, **kw))
+            print(f"sweep, {label}, median ms:\n{sweep_table(medians)}\n", flush=True)
+            saved[f"sweep {label}"] = {**medians, args.tokens: saved[f"standard {label}"]}
+    if args.plot and args.sweep:
+        plot_sweep(saved["sweep forward"], saved.get("sweep forward+backward")).savefig(args.plot)
     if args.save:
         with open(args.save, "w") as f:
             json.dump(saved, f, indent=1)

@@ -222,9 +222,11 @@ def sort_by_expert(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, lis
 
 def split_experts(bounds: list[int], n_parts: int) -> list[range]:
     """Cut the experts into at most ``n_parts`` consecutive ranges holding about equal numbers of pairs."""
-    total, n_experts = bounds[-1], len(bounds) - 1
-    cuts = [0, *(min(bisect.bisect_left(bounds, total * p / n_parts), n_experts) for p in range(1, n_parts)),
-            n_experts]
+    def nearest_cut(target: float) -> int:  # the expert boundary closest to ``target`` pairs
+        i = bisect.bisect_left(bounds, target)
+        return i - 1 if i == len(bounds) or (i > 0 and target - bounds[i - 1] < bounds[i] - target) else i
+
+    cuts = [0, *(nearest_cut(bounds[-1] * p / n_parts) for p in range(1, n_parts)), len(bounds) - 1]
     return [range(a, b) for a, b in zip(cuts, cuts[1:]) if bounds[b] > bounds[a]]
 
 
@@ -385,7 +387,7 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
     Returns:
         (T, H), in ``u``'s dtype.
     """
-    n_workers = n_workers or torch.get_num_threads()
+    n_workers = torch.get_num_threads() if n_workers is None else n_workers
     require_positive(n_workers=n_workers)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)

@@ -23,3 +23,34 @@ def test_benchmark_rejects_bad_arguments():
         benchmark({"a": lambda: None}, baseline="z")
     with pytest.raises(ValueError, match="repeats"):
         benchmark({"a": lambda: None}, repeats=0)
+
+
+def test_moe_bench_runs_end_to_end_and_its_saved_file_draws(tmp_path, capsys):
+    from helpers import bench_moe
+
+    saved_path, plot_path = tmp_path / "moe.json", tmp_path / "moe.png"
+    small = ["--set", "hidden_size=32", "--set", "moe_intermediate_size=16", "--set", "n_routed_experts=8",
+             "--set", "num_experts_per_tok=2", "--set", "n_shared_experts=1"]
+    bench_moe.main([*small, "--tokens", "16", "--sweep", "4", "8", "--repeats", "1", "--warmup", "0",
+                    "--naive-max-tokens", "4", "--save", str(saved_path), "--plot", str(plot_path)])
+    printed = capsys.readouterr().out
+    assert "pass=forward+backward" in printed and "sweep, forward, median ms" in printed
+    saved = bench_moe.load_saved(saved_path)
+    variants = {"dense SwiGLU", "ours", "transformers eager", "transformers grouped_mm"}
+    assert set(saved["standard forward"]) == variants == set(saved["standard forward+backward range"])
+    sweep = saved["sweep forward+backward"]
+    assert sorted(sweep) == [4, 8, 16] and set(sweep[4]) == variants | {"naive loop"} and set(sweep[8]) == variants
+    assert all(ms > 0 for row in sweep.values() for ms in row.values())
+    assert bench_moe.sweep_table(sweep).splitlines()[2].split()[-1] == "-"  # no naive loop at 8 tokens
+    assert plot_path.stat().st_size > 0
+    assert len(bench_moe.plot_sweep(saved["sweep forward"], sweep).axes) == 2
+    assert saved["layer"]["n_routed_experts"] == 8
+
+
+@pytest.mark.parametrize("bad", ["top_k=2", "n_routed_experts=eight", "n_routed_experts"])
+def test_moe_bench_rejects_unknown_or_non_integer_fields(bad, capsys):
+    from helpers import bench_moe
+
+    with pytest.raises(SystemExit):
+        bench_moe.main(["--set", bad])
+    assert "expected FIELD=INT" in capsys.readouterr().err

@@ -11,11 +11,14 @@ from helpers.moe import (
     dispatch,
     expert_level_aux_loss,
     expert_load,
+    expert_parallel,
     gating_weights,
     max_violation,
     route,
     select_experts,
     sequence_wise_aux_loss,
+    sort_by_expert,
+    split_experts,
     update_bias,
 )
 
@@ -86,6 +89,88 @@ def test_dispatch_equals_the_loop():
     weights = torch.rand(n_tokens, top_k)
     torch.testing.assert_close(dispatch(x, weights, indices, w_gate_up, w_down),
                                loop_moe(x, weights, indices, w_gate_up, w_down))
+
+
+def dispatch_inputs(dtype=torch.float32, n_tokens=13, hidden=8, inter=4, n_experts=6, top_k=3):
+    torch.manual_seed(0)
+    x = torch.randn(n_tokens, hidden, dtype=dtype)
+    w_gate_up = torch.randn(n_experts, 2 * inter, hidden, dtype=dtype)
+    w_down = torch.randn(n_experts, hidden, inter, dtype=dtype)
+    indices = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n_tokens)])
+    indices[indices == 1] = 0  # expert 1 gets no token
+    return x, torch.rand(n_tokens, top_k, dtype=dtype), indices, w_gate_up, w_down
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 8])
+def test_dispatch_is_the_same_for_any_number_of_workers(n_workers):
+    x, weights, indices, w_gate_up, w_down = dispatch_inputs()
+    torch.testing.assert_close(dispatch(x, weights, indices, w_gate_up, w_down, n_workers=n_workers),
+                               loop_moe(x, weights, indices, w_gate_up, w_down))
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3])
+def test_dispatch_backward_gradcheck_float64(n_workers):
+    x, weights, indices, w_gate_up, w_down = (t.requires_grad_() if t.is_floating_point() else t
+                                              for t in dispatch_inputs(torch.float64, n_tokens=7, hidden=5, inter=3))
+    assert torch.autograd.gradcheck(lambda *t: dispatch(t[0], t[1], indices, t[2], t[3], n_workers=n_workers),
+                                    (x, weights, w_gate_up, w_down))
+
+
+def test_dispatch_backward_for_a_subset_of_inputs():
+    x, weights, indices, w_gate_up, w_down = dispatch_inputs(torch.float64, n_tokens=7, hidden=5, inter=3)
+    w_down.requires_grad_()
+    dispatch(x, weights, indices, w_gate_up, w_down, n_workers=2).sum().backward()
+    expected = torch.func.grad(lambda w: loop_moe(x, weights, indices, w_gate_up, w).sum())(w_down.detach())
+    torch.testing.assert_close(w_down.grad, expected)
+    assert x.grad is None and w_gate_up.grad is None and weights.grad is None
+
+
+@pytest.mark.parametrize("n_workers", [0, -1])
+def test_dispatch_without_workers_is_an_error(n_workers):
+    with pytest.raises(ValueError, match="n_workers"):
+        dispatch(*dispatch_inputs(), n_workers=n_workers)
+
+
+def test_sort_by_expert_and_split_experts():
+    indices = torch.tensor([[2, 0], [2, 3], [0, 2]])
+    order, token, bounds = sort_by_expert(indices, 5)
+    assert bounds == [0, 2, 2, 5, 6, 6]  # expert 0: 2 pairs, 1: none, 2: 3, 3: 1, 4: none
+    assert indices.reshape(-1)[order].tolist() == [0, 0, 2, 2, 2, 3]
+    assert token.tolist() == [0, 2, 0, 1, 2, 1]
+    assert split_experts(bounds, 1) == [range(0, 5)]
+    assert split_experts(bounds, 2) == [range(0, 2), range(2, 5)]  # 2 pairs, then 4
+    assert split_experts([0, 0, 0], 2) == []  # no pairs: no work
+    parts = split_experts(list(range(0, 101, 10)), 3)  # 10 experts of 10 pairs
+    assert [r.start for r in parts] == [0, 3, 7] and parts[-1].stop == 10
+
+
+def test_expert_parallel_restores_the_thread_count_and_runs_without_autograd():
+    threads = torch.get_num_threads()
+    w = torch.ones(3, requires_grad=True)
+    outs = expert_parallel(lambda a, b: (torch.get_num_threads(), (w * a).requires_grad, b), [(1, "x"), (2, "y")])
+    assert outs == [(1, False, "x"), (1, False, "y")]
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ZeroDivisionError):
+        expert_parallel(lambda a: 1 / a, [(0,), (1,)])
+    assert torch.get_num_threads() == threads
+
+
+def test_layer_is_the_same_with_two_threads():
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(16, 8, 8, 3, n_shared_experts=1)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    y1 = layer(x)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, layer.w_gate_up, layer.gate_weight])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y2 = layer(x)
+        g2 = torch.autograd.grad(y2.square().sum(), [x, layer.w_gate_up, layer.gate_weight])
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y2, y1)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b)
 
 
 def test_layer_equals_its_definition():
