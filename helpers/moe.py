@@ -301,6 +301,17 @@ def _routed_backward(grad_y: Tensor, u: Tensor, g: Tensor, token: Tensor, bounds
             grad_u.index_add_(0, tok, dh @ w_gate_up[e])
 
 
+def _sorted_forward(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor, n_workers: int,
+                    keep_h: bool) -> tuple[Tensor, tuple]:
+    """Sort the pairs, run the experts in ``n_workers`` parts, sum the parts: ``y`` (T, H) and what the backward needs."""
+    order, token, bounds = sort_by_expert(indices, w_gate_up.shape[0])
+    g = weights.reshape(-1)[order].to(u.dtype)  # (T*k,) gating values of the sorted pairs
+    parts = [(experts, torch.zeros_like(u), [] if keep_h else None) for experts in split_experts(bounds, n_workers)]
+    expert_parallel(lambda experts, y, hs: _routed_forward(u, g, token, bounds, w_gate_up, w_down, experts, y, hs),
+                    parts)
+    return sum_parts([y for _, y, _ in parts], u), (order, token, g, bounds, parts)
+
+
 class SortedDispatch(torch.autograd.Function):
     """The routed experts of V3 eq. 12, ``y_t = sum_i g_{i,t} FFN_i(u_t)``, with a hand-written backward.
 
@@ -325,15 +336,12 @@ class SortedDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
                 n_workers: int) -> Tensor:
-        order, token, bounds = sort_by_expert(indices, w_gate_up.shape[0])
-        g = weights.reshape(-1)[order].to(u.dtype)  # (T*k,) gating values of the sorted pairs
-        parts = [(experts, torch.zeros_like(u), []) for experts in split_experts(bounds, n_workers)]
-        expert_parallel(lambda experts, y, hs: _routed_forward(u, g, token, bounds, w_gate_up, w_down, experts, y, hs),
-                        parts)
+        y, (order, token, g, bounds, parts) = _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers,
+                                                              keep_h=True)
         ctx.save_for_backward(u, w_gate_up, w_down, order, token, g, *(h for *_, hs in parts for h in hs))
         ctx.bounds, ctx.ranges = bounds, [experts for experts, *_ in parts]
         ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
-        return sum_parts([y for _, y, _ in parts], u)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -391,12 +399,7 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
     require_positive(n_workers=n_workers)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
-    order, token, bounds = sort_by_expert(indices, w_gate_up.shape[0])
-    g = weights.reshape(-1)[order].to(u.dtype)  # (T*k,)
-    parts = [(experts, torch.zeros_like(u), None) for experts in split_experts(bounds, n_workers)]
-    expert_parallel(lambda experts, y, _: _routed_forward(u, g, token, bounds, w_gate_up, w_down, experts, y, None),
-                    parts)
-    return sum_parts([y for _, y, _ in parts], u)
+    return _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]
 
 
 # ------------------------------------------------------------------------------ balance statistics
