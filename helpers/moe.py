@@ -215,7 +215,10 @@ def sort_by_expert(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, lis
     flat = indices.reshape(-1)  # (T*k,)
     order = flat.argsort(stable=True)  # (T*k,)
     token = order // indices.shape[1]  # (T*k,)
-    counts = torch.bincount(flat, minlength=n_experts)  # (E,)
+    counts = torch.bincount(flat, minlength=n_experts)  # (E,), longer if an id is >= E
+    if len(counts) > n_experts:
+        raise ValueError(f"indices must be expert ids in [0, {n_experts}), got {len(counts) - 1}; "
+                         "route with the layer's n_routed_experts")
     bounds = [0, *torch.cumsum(counts, 0).tolist()]
     return order, token, bounds
 
@@ -397,6 +400,9 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
     """
     n_workers = torch.get_num_threads() if n_workers is None else n_workers
     require_positive(n_workers=n_workers)
+    if weights.shape != indices.shape or indices.shape[0] != u.shape[0]:
+        raise ValueError(f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be (T, k) "
+                         f"with T = {u.shape[0]}, the rows of u")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
     return _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]

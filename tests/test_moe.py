@@ -131,6 +131,16 @@ def test_dispatch_without_workers_is_an_error(n_workers):
         dispatch(*dispatch_inputs(), n_workers=n_workers)
 
 
+def test_dispatch_rejects_mismatched_routing_tables():
+    x, weights, indices, w_gate_up, w_down = dispatch_inputs()
+    with pytest.raises(ValueError, match="weights .* and indices .* must both be"):
+        dispatch(x, weights[:, :2], indices, w_gate_up, w_down)
+    with pytest.raises(ValueError, match="rows of u"):
+        dispatch(x[:5], weights, indices, w_gate_up, w_down)
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 6\), got 9"):
+        dispatch(x, weights, indices.index_fill(1, torch.tensor([0]), 9), w_gate_up, w_down)
+
+
 def test_sort_by_expert_and_split_experts():
     indices = torch.tensor([[2, 0], [2, 3], [0, 2]])
     order, token, bounds = sort_by_expert(indices, 5)
