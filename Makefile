@@ -5,7 +5,6 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 
 .PHONY: install lab test lint unit notebooks execute exercises bench clean
 
@@ -36,10 +35,10 @@ notebooks: install  ## nbval over the notebooks only
 	$(BIN)/python -m pytest notebooks
 
 execute: install  ## re-run every notebook in place, top to bottom, so committed outputs come from one clean run
-	$(BIN)/python -m helpers.execute notebooks/[0-9]*.ipynb
+	$(BIN)/python -m helpers.teaching.execute notebooks/[0-9]*.ipynb
 
 exercises: install  ## write the workshop versions (solutions replaced by stubs) to exercises/
-	$(BIN)/python -m helpers.exercises notebooks exercises
+	$(BIN)/python -m helpers.teaching.exercises notebooks exercises
 
 bench: install  ## the MoE and MLA benchmarks (minutes; not part of the tests)
 	$(BIN)/python -m helpers.bench moe --save notebooks/results/bench_moe.json

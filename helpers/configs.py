@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, MixtralConfig
 
-from helpers.moe import validate_routing
+from helpers.moe.routing import validate_routing
 from helpers.utils import require_positive
 
 # Small enough for a laptop, big enough that every code path is exercised:

@@ -2,11 +2,15 @@ import os
 import pathlib
 import sys
 
+import matplotlib
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
+# Plots in this process go to an off-screen canvas; the setting must not reach notebook kernels
+# (nbval starts them with this environment, and a kernel with MPLBACKEND=Agg shows no plots).
+os.environ.pop("MPLBACKEND", None)
+matplotlib.use("Agg")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 

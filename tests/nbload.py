@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import nbformat
 
-from helpers.exercises import strip_solutions
+from helpers.teaching.exercises import strip_solutions
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers.attention import KVCache, MultiHeadAttention, causal_mask
+from helpers.mla import KVCache, MultiHeadAttention, causal_mask
 from helpers.utils import seed_everything
 
 

@@ -26,7 +26,7 @@ def test_benchmark_rejects_bad_arguments():
 
 
 def test_moe_bench_runs_end_to_end_and_its_saved_file_draws(tmp_path, capsys):
-    from helpers import bench_moe
+    from helpers.moe import bench as bench_moe
 
     saved_path, plot_path = tmp_path / "moe.json", tmp_path / "moe.png"
     small = ["--set", "hidden_size=32", "--set", "moe_intermediate_size=16", "--set", "n_routed_experts=8",
@@ -49,7 +49,7 @@ def test_moe_bench_runs_end_to_end_and_its_saved_file_draws(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", ["top_k=2", "n_routed_experts=eight", "n_routed_experts"])
 def test_moe_bench_rejects_unknown_or_non_integer_fields(bad, capsys):
-    from helpers import bench_moe
+    from helpers.moe import bench as bench_moe
 
     with pytest.raises(SystemExit):
         bench_moe.main(["--set", bad])

@@ -4,8 +4,8 @@ import nbformat
 import pytest
 import torch
 
-from helpers.checks import Case, Checker, CheckFailure, Mistake, describe_difference
-from helpers.exercises import make_exercise_notebook, strip_solutions
+from helpers.teaching.checks import Case, Checker, CheckFailure, Mistake, describe_difference
+from helpers.teaching.exercises import make_exercise_notebook, strip_solutions
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -20,12 +20,13 @@ check_softmax = Checker(
     reference=_softmax_rows,
     mistakes=[Mistake("wrong dim", lambda x: x.softmax(dim=0), "normalised over the wrong dimension: use dim=-1")],
     diagnose=lambda got, want, kw: f"row 0 sums to {got[0].sum():.2f}" if abs(got[0].sum() - 1) > 1e-3 else None,
+    nudge="every row must sum to 1",
     hint="x.softmax(dim=-1)",
 )
 
 
 def test_checker_passes_a_correct_function(capsys):
-    assert check_softmax(lambda x: torch.exp(x) / torch.exp(x).sum(-1, keepdim=True))
+    assert check_softmax(lambda x: torch.exp(x) / torch.exp(x).sum(-1, keepdim=True)) is None  # no stray output
     assert "✓ softmax_rows" in capsys.readouterr().out
 
 
@@ -46,8 +47,9 @@ def test_checker_uses_the_diagnosis_then_the_difference():
 def test_checker_reports_stub_and_crash():
     def stub(x):
         raise NotImplementedError("Exercise")
-    with pytest.raises(CheckFailure, match=r"(?s)still the exercise stub.*Hint: x.softmax"):
+    with pytest.raises(CheckFailure, match=r"(?s)still the exercise stub.*First hint: every row.*show_hint") as info:
         check_softmax(stub)
+    assert "x.softmax" not in str(info.value), "the stub message must not give the answer away"
     with pytest.raises(CheckFailure, match="raised ZeroDivisionError"):
         check_softmax(lambda x: 1 / 0)
 
@@ -101,3 +103,31 @@ def test_exercise_versions_of_every_notebook(tmp_path):
         assert not any("# BEGIN SOLUTION" in c.source for c in nb.cells)
     if len(notebooks) > 1:
         assert total > 0, "the tracks should carry exercises"
+
+
+def test_full_hint_on_request_and_short_display(capsys):
+    check_softmax.show_hint()
+    assert "x.softmax(dim=-1)" in capsys.readouterr().out
+    failure = CheckFailure("softmax_rows is not right yet\n  rows do not sum to 1")
+    (line,) = failure._render_traceback_()  # what Jupyter shows instead of a traceback
+    assert "rows do not sum to 1" in line and "Traceback" not in line
+
+
+def test_difference_names_nan_rows_and_differing_rows():
+    want = torch.zeros(4, 3)
+    got = want.clone()
+    got[2] = float("nan")
+    assert "NaN where the expected output is finite, in 1 of 4 entries along the first axis (2)" in \
+        describe_difference(got, want)
+    got = want.clone()
+    got[1, 0], got[3, 2] = 1.0, -2.0
+    message = describe_difference(got, want)
+    assert "values differ in 2 of 4 entries along the first axis (1, 3)" in message
+    assert "largest difference is 2 at index (3, 2)" in message
+
+
+def test_audit_names_each_mistake():
+    audit = check_softmax.audit()
+    assert set(audit) == {m.name for m in check_softmax.mistakes}
+    for mistake in check_softmax.mistakes:
+        assert mistake.message in audit[mistake.name]

@@ -194,7 +194,7 @@ def test_notebook_23_absorbed_attention_equals_helpers():
 
 def test_decode_benchmark_smoke():
     """The benchmark runs end to end on tiny sizes and measures bytes from the caches (no speed asserted)."""
-    from helpers.bench_mla import SMALL_ATTENTION, VARIANTS, decode_benchmark, summary
+    from helpers.mla.bench import SMALL_ATTENTION, VARIANTS, decode_benchmark, summary
 
     rows = decode_benchmark(SMALL_ATTENTION, contexts=(8, 16), repeats=1, warmup=0, verbose=False)
     assert [(r["context"], r["variant"]) for r in rows] == [(c, v) for c in (8, 16) for v in VARIANTS]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from nbload import NOTEBOOKS, load_notebook
 
-from helpers.checks import CheckFailure
 from helpers.mla import absorbed_attention
-from helpers.mla_checks import check_absorbed_attention, check_compress_expand, check_split_rope
+from helpers.mla.checks import check_absorbed_attention, check_compress_expand, check_split_rope
+from helpers.teaching.checks import CheckFailure
 
 NB21, NB22, NB23 = ("21_mla_low_rank_kv_compression.ipynb", "22_mla_decoupled_rope.ipynb",
                     "23_mla_weight_absorption.ipynb")
@@ -41,15 +41,15 @@ def learner_absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, softmax
 
 @pytest.mark.parametrize("name", list(CHECKERS))
 def test_solution_passes_and_stub_is_reported(name, solutions, stubs, capsys):
-    assert CHECKERS[name](solutions[name])
+    assert CHECKERS[name](solutions[name]) is None  # passes: a tick, no exception
     assert f"✓ {name} passes" in capsys.readouterr().out
     with pytest.raises(CheckFailure, match="still the exercise stub"):
         CHECKERS[name](stubs[name])
 
 
 def test_absorbed_attention_passes_correct_solutions_and_rejects_a_stub():
-    assert check_absorbed_attention(learner_absorbed_attention)
-    assert check_absorbed_attention(absorbed_attention)
+    assert check_absorbed_attention(learner_absorbed_attention) is None  # passes: a tick, no exception
+    assert check_absorbed_attention(absorbed_attention) is None  # passes: a tick, no exception
 
     def stub(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, softmax_scale, start_pos):
         raise NotImplementedError("Exercise: absorb W^UK into the query")
@@ -60,7 +60,7 @@ def test_absorbed_attention_passes_correct_solutions_and_rejects_a_stub():
 
 @pytest.mark.skipif(not (NOTEBOOKS / NB23).exists(), reason="notebook 23 is not written yet")
 def test_notebook_23_solution_passes_and_its_stub_is_reported():
-    assert check_absorbed_attention(load_notebook(NB23).absorbed_attention)
+    assert check_absorbed_attention(load_notebook(NB23).absorbed_attention) is None  # passes: a tick, no exception
     with pytest.raises(CheckFailure, match="still the exercise stub"):
         check_absorbed_attention(load_notebook(NB23, exercise=True).absorbed_attention)
 

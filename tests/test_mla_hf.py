@@ -19,7 +19,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from helpers.configs import tiny_config
 from helpers.mla import LatentCache, MultiHeadLatentAttention
-from helpers.mla_hf import mla_from_hf, mla_to_hf
+from helpers.mla.hf import mla_from_hf, mla_to_hf
 from helpers.utils import seed_everything
 
 CONFIGS = {

@@ -8,8 +8,14 @@ import pytest
 import torch
 from nbload import load_notebook
 
-from helpers.attention import KVCache, MultiHeadAttention
-from helpers.mla import LatentCache, MultiHeadLatentAttention, apply_rope, rope_cos_sin
+from helpers.mla import (
+    KVCache,
+    LatentCache,
+    MultiHeadAttention,
+    MultiHeadLatentAttention,
+    apply_rope,
+    rope_cos_sin,
+)
 from helpers.utils import seed_everything
 
 ATOL = dict(atol=1e-5, rtol=1e-5)
@@ -124,7 +130,7 @@ def test_nb22_mla_equals_transformers(nb22):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
     from helpers.configs import tiny_config
-    from helpers.mla_hf import mla_to_hf
+    from helpers.mla.hf import mla_to_hf
 
     seed_everything(0)
     x = torch.randn(2, 6, 64)

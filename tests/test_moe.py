@@ -319,7 +319,7 @@ def test_impossible_configs_name_the_field(kwargs, field):
 def test_notebook_11_sorted_dispatch_equals_helpers_dispatch():
     from nbload import load_notebook
 
-    from helpers import moe_checks
+    from helpers.moe import checks as moe_checks
 
     nb = load_notebook("11_moe_efficient_dispatch.ipynb")
     torch.manual_seed(0)
@@ -335,8 +335,8 @@ def test_notebook_11_sorted_dispatch_equals_helpers_dispatch():
 def test_notebook_11_checker_passes_the_solution_and_fails_the_stub():
     from nbload import load_notebook
 
-    from helpers import moe_checks
-    from helpers.checks import CheckFailure
+    from helpers.moe import checks as moe_checks
+    from helpers.teaching.checks import CheckFailure
 
     with torch.no_grad():
         moe_checks.check_sorted_dispatch(load_notebook("11_moe_efficient_dispatch.ipynb").sorted_dispatch)

@@ -7,7 +7,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from helpers.configs import tiny_config
 from helpers.moe import DeepSeekMoE
-from helpers.moe_hf import moe_from_hf, moe_to_hf
+from helpers.moe.hf import moe_from_hf, moe_to_hf
 
 # (version, overrides); tiny_config's defaults: 8 experts, top-2, 1 shared, n_group 4, topk_group 2
 CONFIGS = {

@@ -6,9 +6,10 @@ import pytest
 import torch
 from nbload import load_notebook
 
-from helpers import moe, moe_checks
+from helpers import moe
 from helpers.configs import deepseek_v3, mixtral_8x7b, tiny_config
 from helpers.hf import moe_from_hf
+from helpers.moe import checks as moe_checks
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def nb13():
 
 
 def same_sets(a, b):
-    torch.testing.assert_close(moe_checks.sort_by_expert(a), moe_checks.sort_by_expert(b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(moe_checks.sort_routing(a), moe_checks.sort_routing(b), atol=1e-5, rtol=0)
 
 
 def random_init(module):

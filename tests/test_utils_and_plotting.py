@@ -1,12 +1,9 @@
-import matplotlib
 import pytest
 import torch
 
 from helpers import seed_everything
-from helpers.plotting import axes
+from helpers.teaching.plotting import axes
 from helpers.utils import require_positive
-
-matplotlib.use("Agg")
 
 
 def test_seed_everything_repeats_random_streams():

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from helpers.attention import KVCache, MultiHeadAttention
 from helpers.bench import benchmark, environment_line
-from helpers.mla import LatentCache, MultiHeadLatentAttention
+from helpers.mla.baselines import MultiHeadAttention
+from helpers.mla.cache import KVCache, LatentCache
+from helpers.mla.layer import MultiHeadLatentAttention
 from helpers.utils import seed_everything
 
 V2_LITE_ATTENTION = dict(hidden_size=2048, n_heads=16, kv_lora_rank=512, qk_nope_head_dim=128,

@@ -22,6 +22,7 @@ RoPE layout: with ``rope_interleave=True`` (DeepSeek's checkpoints) the rotated 
 ``(x0', x2', ..., x1', x3', ...)``. It applies the same permutation to queries and keys, so every
 ``q^R . k^R`` score, and hence the layer output, is identical; only the cached ``k^R`` differs by that
 fixed permutation.
+
 """
 
 from __future__ import annotations
@@ -29,138 +30,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from helpers.attention import GrowingBuffer, causal_mask
+from helpers.mla.attention import absorbed_attention, naive_attention
+from helpers.mla.cache import LatentCache
+from helpers.mla.rope import apply_rope, rope_cos_sin
 from helpers.utils import require_positive
-
-
-def rope_cos_sin(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """Per-pair RoPE angles ``theta_{p,m} = p / base^{2m/dim}`` (RoFormer eq. 15) as cosines and sines.
-
-    Args:
-        positions: ``[T]`` absolute positions (integers).
-        dim: the rotated width ``d_h^R``; must be even (RoPE rotates pairs).
-        base: ``rope_theta``.
-
-    Returns:
-        ``cos, sin``, each ``[T, dim // 2]`` float32: one angle per pair, computed as ``transformers`` does.
-    """
-    require_positive(dim=dim)
-    if dim % 2:
-        raise ValueError(f"dim must be even (RoPE rotates pairs of channels), got {dim}")
-    if base <= 0:
-        raise ValueError(f"base (rope_theta) must be positive, got {base}")
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=positions.device) / dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = True) -> Tensor:
-    """Rotate each pair of channels of ``x`` by its angle (RoPE; V2 paper eq. 11 and 13 use it on ``q^R``, ``k^R``).
-
-    Broadcasting: ``cos``/``sin`` (``[T, dim/2]`` from :func:`rope_cos_sin`) are broadcast right-aligned
-    against the pair axis of ``x``, so the token axis must be the second-to-last dimension of ``x``
-    (``x [..., T, dim]``). For ``x [B, T, heads, dim]`` pass ``cos[:, None]`` and ``sin[:, None]``
-    (``[T, 1, dim/2]``).
-
-    Args:
-        x: ``[..., dim]`` with ``dim == 2 * cos.shape[-1]``.
-        interleave: ``True``: pairs are ``(x0, x1), (x2, x3), ...`` (DeepSeek's official layout, ``transformers``
-            ``rope_interleave=True``, and DeepSeek-V2's complex-number RoPE); the output keeps that pair
-            layout. ``False``: pairs are ``(x_i, x_{i + dim/2})`` (``rotate_half``, as in Llama).
-
-    Returns:
-        The rotated tensor, same shape and dtype as ``x``.
-    """
-    dim = x.shape[-1]
-    if dim != 2 * cos.shape[-1] or cos.shape != sin.shape:
-        raise ValueError(f"x's last dimension ({dim}) must be twice that of cos and sin "
-                         f"({tuple(cos.shape)}, {tuple(sin.shape)})")
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., dim/2) each
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)  # (..., dim)
-    x1, x2 = x[..., : dim // 2], x[..., dim // 2:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (..., dim)
-
-
-class LatentCache(GrowingBuffer):
-    """One MLA layer's cache: only the latent ``c^{KV}`` and the shared RoPE key ``k^R`` (V2 paper, Sec. 2.1.3).
-
-    Attributes:
-        c_kv: ``[B, S, kv_lora_rank]``, the normalised latent (views of preallocated buffers).
-        k_rope: ``[B, S, qk_rope_head_dim]``, the RoPE key after rotation.
-        length: ``S``, the number of cached tokens.
-
-    ``bytes_per_token()`` is ``(d_c + d_h^R)`` times the bytes per element (V2 paper, Table 1).
-    """
-
-    def __init__(self, max_length: int | None = None) -> None:
-        super().__init__(axis=1, max_length=max_length)
-
-    def append(self, c_kv: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``c_kv [B, T, d_c]`` and ``k_rope [B, T, d_h^R]``; return everything cached."""
-        if c_kv.dim() != 3 or k_rope.dim() != 3:
-            raise ValueError(f"c_kv and k_rope must be [B, T, width], got {tuple(c_kv.shape)} and {tuple(k_rope.shape)}")
-        return super().append(c_kv, k_rope)
-
-    @property
-    def c_kv(self) -> Tensor:
-        return self.views()[0]
-
-    @property
-    def k_rope(self) -> Tensor:
-        return self.views()[1]
-
-
-def _softmax_causal(scores: Tensor, start_pos: int) -> Tensor:
-    """Softmax over the last axis of ``scores [B, T, H, S]``; query ``t`` sees keys ``0..start_pos + t``."""
-    t, s = scores.shape[1], scores.shape[-1]
-    if t > 1 or start_pos + t < s:
-        allowed = causal_mask(t, s, start_pos, scores.device)  # (T, S)
-        scores = scores.masked_fill(~allowed[None, :, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1)
-
-
-def naive_attention(q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, w_uk: Tensor, w_uv: Tensor,
-                    softmax_scale: float, start_pos: int) -> Tensor:
-    """MLA attention by re-expanding the latent into per-head keys and values (V2 paper eq. 12-18).
-
-    ``k^C_{j,i} = W^{UK}_i c_j`` and ``v^C_{j,i} = W^{UV}_i c_j`` (eq. 12, 15) for every cached token ``j``,
-    then ``o_{t,i} = sum_j Softmax_j((q^C_{t,i} . k^C_{j,i} + q^R_{t,i} . k^R_j) * scale) v^C_{j,i}`` (eq. 17).
-
-    Args:
-        q_nope: ``[B, T, H, d_n]`` content queries ``q^C``; q_rope: ``[B, T, H, d_r]`` rotated queries ``q^R``.
-        c_kv: ``[B, S, d_c]`` cached latents; k_rope: ``[B, S, d_r]`` cached rotated keys ``k^R``.
-        w_uk: ``[H, d_n, d_c]``; w_uv: ``[H, d_v, d_c]`` (views of ``wkv_b.weight``).
-        softmax_scale: usually ``1 / sqrt(d_n + d_r)``.
-        start_pos: absolute position of the first query; query ``t`` sees keys ``0..start_pos + t``.
-
-    Returns:
-        ``o [B, T, H, d_v]``, the per-head outputs before ``W^O``.
-    """
-    k_nope = torch.einsum("bsc,hdc->bshd", c_kv, w_uk)  # (B, S, H, d_n): re-expanded every call
-    v = torch.einsum("bsc,hdc->bshd", c_kv, w_uv)  # (B, S, H, d_v)
-    scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
-              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, H, S)
-    p = _softmax_causal(scores, start_pos)  # (B, T, H, S)
-    return torch.einsum("bths,bshd->bthd", p, v)  # (B, T, H, d_v)
-
-
-def absorbed_attention(q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, w_uk: Tensor, w_uv: Tensor,
-                       softmax_scale: float, start_pos: int) -> Tensor:
-    """The same attention as :func:`naive_attention`, computed over the latent (V2 paper Sec. 2.1.2).
-
-    ``q^C_{t,i} . (W^{UK}_i c_j) = (W^{UK}_i{}^T q^C_{t,i}) . c_j``: the query is moved into latent space once
-    per step, instead of moving every cached latent into key space. Likewise
-    ``sum_j p_j W^{UV}_i c_j = W^{UV}_i sum_j p_j c_j``: attend over latents, then apply ``W^{UV}_i`` once.
-    Arguments and result as in :func:`naive_attention`.
-    """
-    q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c): W^{UK} absorbed into the query
-    scores = (torch.einsum("bthc,bsc->bths", q_latent, c_kv)
-              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, H, S)
-    p = _softmax_causal(scores, start_pos)  # (B, T, H, S)
-    o_latent = torch.einsum("bths,bsc->bthc", p, c_kv)  # (B, T, H, d_c): attend in latent space
-    return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, d_v): W^{UV} applied once
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -1,11 +1,12 @@
 """Re-run notebooks in place, top to bottom, so committed outputs come from one clean run.
 
-``python -m helpers.execute notebooks/*.ipynb`` (``make execute``) prints each notebook's wall time.
+``python -m helpers.teaching.execute notebooks/*.ipynb`` (``make execute``) prints each notebook's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import time
 
@@ -15,6 +16,7 @@ from nbclient import NotebookClient
 
 def execute_in_place(path: pathlib.Path, timeout: int = 900) -> float:
     """Execute ``path`` with a fresh kernel in its own folder, save it, return the seconds taken."""
+    os.environ.pop("MPLBACKEND", None)  # the kernel inherits it; with Agg, plt.show() would draw nothing
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})

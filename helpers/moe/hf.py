@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from helpers.moe import DeepSeekMoE
+from helpers.moe.layer import DeepSeekMoE
 
 
 def _hf_kind(module: nn.Module) -> str:

@@ -30,7 +30,7 @@ from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
-from helpers.mla import MultiHeadLatentAttention
+from helpers.mla.layer import MultiHeadLatentAttention
 
 # ours -> transformers; the query side depends on whether queries are compressed.
 NAMES_Q = {"wq": "q_proj"}

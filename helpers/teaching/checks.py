@@ -6,7 +6,7 @@ mistakes (each a small function that makes that mistake on purpose), then by des
 structure (count, type, shape), then by asking a diagnosis callback for a domain-specific hint,
 and only then by describing where the numbers differ.
 
-Usage in a track module (see ``helpers.moe_checks`` and ``helpers.mla_checks``)::
+Usage in a track module (see ``helpers.moe.checks`` and ``helpers.mla.checks``)::
 
     check_router = Checker(
         name="route_topk",
@@ -16,6 +16,11 @@ Usage in a track module (see ``helpers.moe_checks`` and ``helpers.mla_checks``):
                           "the kept weights do not sum to 1: renormalise after top-k")],
     )
     check_router(route_topk)   # prints a tick, or raises CheckFailure with the reason
+    check_router.show_hint()   # the full hint, for a learner who asks for it
+
+Hints come in two steps: the exercise cell carries a first nudge (``# HINT:`` lines), and the
+checker holds the full hint, printed on request. ``Checker.audit()`` runs every known mistake
+through the checker, so a test can prove that each one gets its own message.
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ import torch
 
 
 class CheckFailure(AssertionError):
-    """A learner's answer is wrong; the message says what is wrong and how to look for it."""
+    """A learner's answer is wrong; the message says what is wrong and how to look for it.
+
+    In Jupyter the failure shows as its message alone: ``_render_traceback_`` (IPython's hook for
+    custom exception display) replaces the traceback through the checker's internals.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return ["\x1b[31m✗ " + str(self).replace("\n", "\n  ") + "\x1b[0m"]
 
 
 @dataclass
@@ -56,6 +68,29 @@ def _leaves(x: Any) -> list[Any]:
     return [x]
 
 
+def _rows(mask: torch.Tensor) -> str:
+    """The indices along the first axis where ``mask`` holds anywhere, as a short list."""
+    rows = mask.reshape(mask.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if mask.dim() else []
+    shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+    return f"{len(rows)} of {mask.shape[0]} entries along the first axis ({shown})" if mask.dim() else "the value"
+
+
+def _where_values_differ(g: torch.Tensor, w: torch.Tensor, atol: float, rtol: float) -> str:
+    """Say what differs between two same-shape tensors: NaNs and infinities first, then where and by how much."""
+    for bad, name in ((torch.isnan, "NaN"), (torch.isinf, "an infinity")):
+        extra = bad(g) & ~bad(w)
+        if extra.any():
+            return (f"{name} where the expected output is finite, in {_rows(extra)}; NaN and infinities "
+                    "come from a softmax over a row whose entries are all masked (-inf), a division by "
+                    "zero, or an overflow; print the intermediate tensors of that case to find the first one")
+    differ = ~torch.isclose(g, w, atol=atol, rtol=rtol, equal_nan=True)
+    err = (g - w).abs().nan_to_num(nan=float("inf"))
+    idx = tuple(int(j) for j in torch.unravel_index(err.argmax(), err.shape))
+    return (f"values differ in {_rows(differ)}: {int(differ.sum())} of {differ.numel()} numbers; the largest "
+            f"difference is {err.max().item():.4g} at index {idx} (got {g[idx].item():.4g}, expected "
+            f"{w[idx].item():.4g})")
+
+
 def describe_difference(got: Any, want: Any, *, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
     """Return ``None`` if ``got`` matches ``want`` (tensors, numbers, nested tuples), else what differs."""
     got_leaves, want_leaves = _leaves(got), _leaves(want)
@@ -72,10 +107,7 @@ def describe_difference(got: Any, want: Any, *, atol: float = 1e-5, rtol: float 
                 return f"{where}dtype {g.dtype}, expected {w.dtype}"
             g64, w64 = g.detach().double(), w.detach().double()
             if not torch.allclose(g64, w64, atol=atol, rtol=rtol, equal_nan=True):
-                err = (g64 - w64).abs()
-                idx = tuple(int(j) for j in torch.unravel_index(err.argmax(), err.shape))
-                return (f"{where}values differ: largest difference {err.max().item():.4g} at index {idx} "
-                        f"(got {g64[idx].item():.4g}, expected {w64[idx].item():.4g})")
+                return where + _where_values_differ(g64, w64, atol, rtol)
         elif isinstance(w, float):
             if not isinstance(g, (int, float)) or abs(g - w) > atol + rtol * abs(w):
                 return f"{where}got {g!r}, expected {w!r}"
@@ -98,7 +130,9 @@ class Checker:
             the normalized outputs, and only when their structure and shapes already match.
         normalize: optional map applied to both outputs before comparing (for example sorting
             routed experts so that index order does not matter).
-        hint: shown when the function is still the exercise stub.
+        nudge: a first hint, shown when the function is still the exercise stub.
+        hint: the full hint, printed by :meth:`show_hint` when a learner asks for it.
+        checker_name: the name the notebooks import this checker by (default ``check_<name>``).
     """
 
     name: str
@@ -107,15 +141,26 @@ class Checker:
     mistakes: Sequence[Mistake] = field(default_factory=tuple)
     diagnose: Callable[[Any, Any, dict[str, Any]], str | None] | None = None
     normalize: Callable[[Any], Any] | None = None
+    nudge: str = ""
     hint: str = ""
     atol: float = 1e-5
     rtol: float = 1e-4
+    checker_name: str = ""
 
     def _norm(self, x: Any) -> Any:
         return self.normalize(x) if self.normalize is not None else x
 
     def _fail(self, case: Case, reason: str) -> CheckFailure:
         return CheckFailure(f"{self.name} is not right yet, on the case '{case.description}':\n  {reason}")
+
+    def _stub_message(self) -> str:
+        nudge = f"\n  First hint: {self.nudge}" if self.nudge else ""
+        more = f"\n  Stuck? `{self.checker_name or 'check_' + self.name}.show_hint()` prints the full hint." if self.hint else ""
+        return f"{self.name} is still the exercise stub: replace `raise NotImplementedError` with your code.{nudge}{more}"
+
+    def show_hint(self) -> None:
+        """Print the full hint (the exercise cell has only a first nudge)."""
+        print(f"Hint for {self.name}:\n{self.hint or self.nudge or 'no hint for this one: compare with the text above.'}")
 
     def explain(self, fn: Callable[..., Any]) -> str | None:
         """Return ``None`` if ``fn`` passes every case, else the message a learner would see.
@@ -128,9 +173,7 @@ class Checker:
             try:
                 got = fn(**case.kwargs)
             except NotImplementedError:
-                hint = f"\n  Hint: {self.hint}" if self.hint else ""
-                return (f"{self.name} is still the exercise stub: replace `raise NotImplementedError` "
-                        f"with your code.{hint}")
+                return self._stub_message()
             except Exception as exc:  # a learner's bug: report it in words, with the case
                 return str(self._fail(case, f"it raised {type(exc).__name__}: {exc}"))
             got = self._norm(got)
@@ -149,11 +192,18 @@ class Checker:
             return str(self._fail(case, difference))
         return None
 
-    def __call__(self, fn: Callable[..., Any]) -> bool:
-        """Raise ``CheckFailure`` with the reason if ``fn`` is wrong; print a tick and return True if not."""
+    def audit(self) -> dict[str, str | None]:
+        """Each known mistake's name mapped to the message the checker gives it (``None``: it passed).
+
+        Tests use it to prove that every mistake is caught and named by its own message, not by
+        another mistake's that happens to give the same numbers on the prepared cases.
+        """
+        return {mistake.name: self.explain(mistake.fn) for mistake in self.mistakes}
+
+    def __call__(self, fn: Callable[..., Any]) -> None:
+        """Raise ``CheckFailure`` with the reason if ``fn`` is wrong; print a tick if not."""
         n_cases = len(self.cases())
         message = self.explain(fn)
         if message is not None:
             raise CheckFailure(message) from None
         print(f"✓ {self.name} passes all {n_cases} checks")
-        return True

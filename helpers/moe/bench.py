@@ -7,7 +7,7 @@ experts, top-6, 2 shared, ``n_group`` 1, fp32, the machine's threads):
   parameters and FLOPs per token as the MoE layer (the baseline of every ratio);
 - ``ours``: :class:`helpers.moe.DeepSeekMoE` (router + sorted dispatch + shared experts);
 - ``transformers eager`` / ``transformers grouped_mm``: ``DeepseekV3MoE`` with the identical weights
-  (built by :func:`helpers.moe_hf.moe_to_hf`), with its eager and its ``grouped_mm`` experts paths;
+  (built by :func:`helpers.moe.hf.moe_to_hf`), with its eager and its ``grouped_mm`` experts paths;
 - ``naive loop``: the definition, one token and one chosen expert at a time (only up to
   ``--naive-max-tokens`` tokens: it is far too slow beyond).
 
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers.bench import BenchResult, benchmark, environment_line
-from helpers.moe import DeepSeekMoE, SwiGLU
+from helpers.layers import SwiGLU
+from helpers.moe.layer import DeepSeekMoE
 
 STANDARD = dict(hidden_size=512, moe_intermediate_size=256, n_routed_experts=64, num_experts_per_tok=6,
                 n_shared_experts=2, n_group=1, topk_group=1)
@@ -54,7 +55,7 @@ def naive_moe(layer: DeepSeekMoE, u: torch.Tensor) -> torch.Tensor:
 
 def build(seed: int = 0, **sizes: Any) -> dict[str, Any]:
     """The layers of one comparison: ours, transformers (eager, grouped_mm) on the same weights, dense."""
-    from helpers.moe_hf import hf_config_for, moe_to_hf
+    from helpers.moe.hf import hf_config_for, moe_to_hf
 
     fields = {**STANDARD, **sizes}
     torch.manual_seed(seed)
@@ -147,7 +148,7 @@ def plot_sweep(forward: dict[int, dict[str, float]], backward: dict[int, dict[st
     """
     import matplotlib.pyplot as plt
 
-    from helpers.plotting import axes
+    from helpers.teaching.plotting import axes
 
     panels = [("forward", forward)] + ([("forward+backward", backward)] if backward else [])
     fig, axs = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.0), squeeze=False)

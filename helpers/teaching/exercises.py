@@ -11,7 +11,7 @@ The notebooks are written with full solutions. A solution region is marked in a 
 
 In the exercise version the region becomes its ``# HINT:`` lines followed by
 ``raise NotImplementedError(...)`` at the marker's indentation; everything else is kept, outputs
-are cleared, and a banner cell says what to do. Run ``python -m helpers.exercises notebooks exercises``
+are cleared, and a banner cell says what to do. Run ``python -m helpers.teaching.exercises notebooks exercises``
 (``make exercises``).
 """
 

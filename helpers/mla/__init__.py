@@ -1,0 +1,24 @@
+"""Multi-head Latent Attention: low-rank KV, decoupled RoPE, weight absorption, the latent cache.
+
+=================  ===========================================================================
+module             holds
+=================  ===========================================================================
+``rope``           rotary embeddings in both pair layouts (interleaved and half-split)
+``cache``          the growing buffer, the MHA/GQA ``KVCache``, MLA's ``LatentCache``, the causal mask
+``baselines``      :class:`MultiHeadAttention`: MHA, GQA and MQA, the baselines MLA is measured against
+``attention``      MLA's attention over the latent, naive (re-expand) and absorbed
+``layer``          :class:`MultiHeadLatentAttention`, the finished layer
+``hf``             conversions to and from ``transformers`` (gathered in :mod:`helpers.hf`)
+``checks``         the exercise checkers of notebooks 20-24
+``bench``          the decode benchmark behind ``python -m helpers.bench mla``
+=================  ===========================================================================
+"""
+
+from helpers.mla.attention import absorbed_attention, naive_attention
+from helpers.mla.baselines import MultiHeadAttention
+from helpers.mla.cache import GrowingBuffer, KVCache, LatentCache, causal_mask
+from helpers.mla.layer import MultiHeadLatentAttention
+from helpers.mla.rope import apply_rope, rope_cos_sin
+
+__all__ = ["MultiHeadLatentAttention", "MultiHeadAttention", "LatentCache", "KVCache", "GrowingBuffer",
+           "causal_mask", "naive_attention", "absorbed_attention", "apply_rope", "rope_cos_sin"]

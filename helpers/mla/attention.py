@@ -1,0 +1,64 @@
+"""MLA's attention over the latent cache, computed two ways: naive (re-expand) and absorbed.
+
+``naive_attention`` expands every cached latent into per-head keys and values (V2 eq. 12-18);
+``absorbed_attention`` folds ``W^{UK}`` into the query and ``W^{UV}`` into the output and attends
+over the latent directly (V2 §2.1.2). Both take the same arguments and return the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from helpers.mla.cache import causal_mask
+
+
+def _softmax_causal(scores: Tensor, start_pos: int) -> Tensor:
+    """Softmax over the last axis of ``scores [B, T, H, S]``; query ``t`` sees keys ``0..start_pos + t``."""
+    t, s = scores.shape[1], scores.shape[-1]
+    if t > 1 or start_pos + t < s:
+        allowed = causal_mask(t, s, start_pos, scores.device)  # (T, S)
+        scores = scores.masked_fill(~allowed[None, :, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def naive_attention(q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, w_uk: Tensor, w_uv: Tensor,
+                    softmax_scale: float, start_pos: int) -> Tensor:
+    """MLA attention by re-expanding the latent into per-head keys and values (V2 paper eq. 12-18).
+
+    ``k^C_{j,i} = W^{UK}_i c_j`` and ``v^C_{j,i} = W^{UV}_i c_j`` (eq. 12, 15) for every cached token ``j``,
+    then ``o_{t,i} = sum_j Softmax_j((q^C_{t,i} . k^C_{j,i} + q^R_{t,i} . k^R_j) * scale) v^C_{j,i}`` (eq. 17).
+
+    Args:
+        q_nope: ``[B, T, H, d_n]`` content queries ``q^C``; q_rope: ``[B, T, H, d_r]`` rotated queries ``q^R``.
+        c_kv: ``[B, S, d_c]`` cached latents; k_rope: ``[B, S, d_r]`` cached rotated keys ``k^R``.
+        w_uk: ``[H, d_n, d_c]``; w_uv: ``[H, d_v, d_c]`` (views of ``wkv_b.weight``).
+        softmax_scale: usually ``1 / sqrt(d_n + d_r)``.
+        start_pos: absolute position of the first query; query ``t`` sees keys ``0..start_pos + t``.
+
+    Returns:
+        ``o [B, T, H, d_v]``, the per-head outputs before ``W^O``.
+    """
+    k_nope = torch.einsum("bsc,hdc->bshd", c_kv, w_uk)  # (B, S, H, d_n): re-expanded every call
+    v = torch.einsum("bsc,hdc->bshd", c_kv, w_uv)  # (B, S, H, d_v)
+    scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
+              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, H, S)
+    p = _softmax_causal(scores, start_pos)  # (B, T, H, S)
+    return torch.einsum("bths,bshd->bthd", p, v)  # (B, T, H, d_v)
+
+
+def absorbed_attention(q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, w_uk: Tensor, w_uv: Tensor,
+                       softmax_scale: float, start_pos: int) -> Tensor:
+    """The same attention as :func:`naive_attention`, computed over the latent (V2 paper Sec. 2.1.2).
+
+    ``q^C_{t,i} . (W^{UK}_i c_j) = (W^{UK}_i{}^T q^C_{t,i}) . c_j``: the query is moved into latent space once
+    per step, instead of moving every cached latent into key space. Likewise
+    ``sum_j p_j W^{UV}_i c_j = W^{UV}_i sum_j p_j c_j``: attend over latents, then apply ``W^{UV}_i`` once.
+    Arguments and result as in :func:`naive_attention`.
+    """
+    q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c): W^{UK} absorbed into the query
+    scores = (torch.einsum("bthc,bsc->bths", q_latent, c_kv)
+              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, H, S)
+    p = _softmax_causal(scores, start_pos)  # (B, T, H, S)
+    o_latent = torch.einsum("bths,bsc->bthc", p, c_kv)  # (B, T, H, d_c): attend in latent space
+    return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, d_v): W^{UV} applied once

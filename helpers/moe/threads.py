@@ -1,0 +1,55 @@
+"""Whole experts per CPU core: the thread pool that runs the sorted dispatch in parts.
+
+An *analogy* of expert parallelism inside one process: instead of splitting every small expert
+matmul across the cores, each core runs whole experts on its own (notebook 11, optional part). Real
+expert parallelism spreads the experts over devices and moves tokens between them with all-to-all
+collectives; this module only shares one process's experts among its threads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+R = TypeVar("R")
+
+def split_experts(bounds: list[int], n_parts: int) -> list[range]:
+    """Cut the experts into at most ``n_parts`` consecutive ranges holding about equal numbers of pairs."""
+    def nearest_cut(target: float) -> int:  # the expert boundary closest to ``target`` pairs
+        i = bisect.bisect_left(bounds, target)
+        return i - 1 if i == len(bounds) or (i > 0 and target - bounds[i - 1] < bounds[i] - target) else i
+
+    cuts = [0, *(nearest_cut(bounds[-1] * p / n_parts) for p in range(1, n_parts)), len(bounds) - 1]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:]) if bounds[b] > bounds[a]]
+
+
+@functools.cache
+def _thread_pool(n_workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n_workers, thread_name_prefix="experts")
+
+
+def expert_parallel(fn: Callable[..., R], parts: list[tuple]) -> list[R]:
+    """``[fn(*part) for part in parts]``, one CPU thread per part, each part's matmuls single-threaded.
+
+    Expert parallelism on one machine: instead of splitting every (small) expert matmul across the
+    cores, which costs a synchronisation of all threads per matmul, each core runs whole experts on
+    its own. The intra-op thread count is set to 1 while the parts run (a process-wide setting) and
+    restored after; autograd is off in the workers (the callers handle gradients themselves).
+    """
+    def run(part: tuple) -> R:
+        with torch.no_grad():
+            return fn(*part)
+
+    if len(parts) <= 1:
+        return [run(part) for part in parts]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return list(_thread_pool(len(parts)).map(run, parts))
+    finally:
+        torch.set_num_threads(threads)
