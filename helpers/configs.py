@@ -11,8 +11,7 @@ from typing import Any
 
 from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, MixtralConfig
 
-from helpers.moe.routing import validate_routing
-from helpers.utils import require_positive
+from helpers.utils import require_positive, validate_routing
 
 # Small enough for a laptop, big enough that every code path is exercised:
 # query compression on, groups with topk_group < n_group, shared experts, a dense first layer.

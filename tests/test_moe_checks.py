@@ -10,7 +10,6 @@ from helpers.moe import checks as moe_checks
 NB10 = "10_moe_from_dense_to_experts.ipynb"
 NB11 = "11_moe_efficient_dispatch.ipynb"
 NB12 = "12_deepseekmoe_fine_grained_shared_routing.ipynb"
-NB13 = "13_moe_load_balancing.ipynb"
 
 
 def fails_with(checker, fn, *fragments):
@@ -30,9 +29,6 @@ def nb12():
     return load_notebook(NB12)
 
 
-@pytest.fixture(scope="module")
-def nb13():
-    return load_notebook(NB13)
 
 
 STUB = "still the exercise stub"
@@ -231,24 +227,10 @@ def test_moe_forward_mistakes(nb12):
 
 # --------------------------------------------------------------------------------- update_bias
 
-def test_update_bias_solution_passes_and_stub_fails(nb13):
-    assert moe_checks.check_update_bias.explain(nb13.update_bias) is None
-    fails_with(moe_checks.check_update_bias, load_notebook(NB13, exercise=True).update_bias, STUB)
 
 
-def test_update_bias_mistakes():
-    check = moe_checks.check_update_bias
-    fails_with(check, lambda bias, load, gamma: bias - gamma * torch.sign(load.mean() - load), "wrong way")
-    fails_with(check, lambda bias, load, gamma: bias + gamma * (load.mean() - load), "only its sign")
-    fails_with(check, lambda bias, load, gamma: gamma * torch.sign(load.mean() - load), "returned the update")
-    fails_with(check, lambda bias, load, gamma: bias + torch.sign(load.mean() - load), "gamma is missing")
 
 
-def test_update_bias_in_place_is_fine():
-    def in_place(bias, load, gamma):
-        bias += gamma * torch.sign(load.mean() - load)
-        return bias
-    assert moe_checks.check_update_bias.explain(in_place) is None
 
 
 def test_sort_by_expert_leaves_other_outputs_alone():

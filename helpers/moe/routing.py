@@ -11,29 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from helpers.utils import require_positive
+from helpers.utils import validate_routing
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("top2_sum", "max")
-
-def validate_routing(n_routed_experts: int, num_experts_per_tok: int, n_group: int = 1, topk_group: int = 1) -> None:
-    """Raise ``ValueError`` naming the field if group-limited top-k routing is impossible.
-
-    The one home of these rules: ``helpers.configs.validate_deepseek_fields`` calls it too. It lives
-    here so that importing this module does not import ``transformers`` (about 15 s on a slow machine).
-    """
-    require_positive(n_routed_experts=n_routed_experts, num_experts_per_tok=num_experts_per_tok,
-                     n_group=n_group, topk_group=topk_group)
-    if n_routed_experts % n_group:
-        raise ValueError(f"n_routed_experts ({n_routed_experts}) must be divisible by n_group ({n_group})")
-    if topk_group > n_group:
-        raise ValueError(f"topk_group ({topk_group}) must be at most n_group ({n_group})")
-    reachable = topk_group * (n_routed_experts // n_group)
-    if num_experts_per_tok > reachable:
-        raise ValueError(f"num_experts_per_tok ({num_experts_per_tok}) exceeds the {reachable} experts "
-                         f"reachable in topk_group={topk_group} groups of {n_routed_experts // n_group}; "
-                         "lower num_experts_per_tok or raise topk_group")
-
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype routing is computed in: at least float32, like ``transformers`` (float64 stays float64)."""
