@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers.teaching.checks import Case, Checker, CheckFailure, Mistake, describe_difference
-from helpers.teaching.exercises import make_exercise_notebook, strip_solutions
+from helpers.teaching.exercises import make_exercise_notebook, strip_answers, strip_solutions
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -70,6 +70,14 @@ SOLVED = """def f(x):
     return z"""
 
 
+def test_answer_keys_are_removed_from_markdown():
+    text = "Why?\n\n<!-- BEGIN ANSWER -->\n<details><summary>Answer</summary>Because.</details>\n<!-- END ANSWER -->\nNext."
+    out, n = strip_answers(text)
+    assert n == 1 and "Because" not in out and "full notebook" in out and out.endswith("Next.")
+    with pytest.raises(ValueError, match="cell 2"):
+        strip_answers("<!-- BEGIN ANSWER --> no end", where="demo.ipynb, cell 2")
+
+
 def test_strip_solutions_keeps_hint_and_raises():
     out, n = strip_solutions(SOLVED)
     assert n == 1
@@ -100,7 +108,7 @@ def test_exercise_versions_of_every_notebook(tmp_path):
         total += make_exercise_notebook(src, tmp_path / src.name)
         nb = nbformat.read(tmp_path / src.name, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
-        assert not any("# BEGIN SOLUTION" in c.source for c in nb.cells)
+        assert not any("# BEGIN SOLUTION" in c.source or "BEGIN ANSWER" in c.source for c in nb.cells)
     if len(notebooks) > 1:
         assert total > 0, "the tracks should carry exercises"
 

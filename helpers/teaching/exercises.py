@@ -9,9 +9,14 @@ The notebooks are written with full solutions. A solution region is marked in a 
         ...
         # END SOLUTION
 
-In the exercise version the region becomes its ``# HINT:`` lines followed by
+In the exercise version the region becomes its ``# HINT:`` lines (a first nudge that does not give
+the answer away; the checker prints the full hint on request) followed by
 ``raise NotImplementedError(...)`` at the marker's indentation; everything else is kept, outputs
-are cleared, and a banner cell says what to do. Run ``python -m helpers.teaching.exercises notebooks exercises``
+are cleared, and a banner cell says what to do.
+
+Open questions carry their answer key in a markdown cell, between ``<!-- BEGIN ANSWER -->`` and
+``<!-- END ANSWER -->`` (in the full notebook, wrap the answer in ``<details>`` so it stays folded).
+The exercise version replaces the region with a line saying where the answer is. Run ``python -m helpers.teaching.exercises notebooks exercises``
 (``make exercises``).
 """
 
@@ -25,6 +30,9 @@ import nbformat
 
 BEGIN, END, HINT = "# BEGIN SOLUTION", "# END SOLUTION", "# HINT:"
 _marker = re.compile(r"^(\s*)(# BEGIN SOLUTION|# END SOLUTION)\s*$")
+
+ANSWER = re.compile(r"<!-- BEGIN ANSWER -->.*?<!-- END ANSWER -->", re.S)
+ANSWER_REMOVED = "*(The answer is in the full notebook, for instructors.)*"
 
 BANNER = (
     "> **Exercise version.** Solutions are replaced by `raise NotImplementedError` and a hint. "
@@ -64,11 +72,20 @@ def strip_solutions(source: str, where: str = "cell") -> tuple[str, int]:
     return "\n".join(out), regions
 
 
+def strip_answers(markdown: str, where: str = "cell") -> tuple[str, int]:
+    """Replace every answer-key region of a markdown cell; return the new text and how many regions."""
+    if markdown.count("<!-- BEGIN ANSWER -->") != markdown.count("<!-- END ANSWER -->"):
+        raise ValueError(f"{where}: every '<!-- BEGIN ANSWER -->' needs its '<!-- END ANSWER -->'")
+    return ANSWER.subn(ANSWER_REMOVED, markdown)
+
+
 def make_exercise_notebook(src: pathlib.Path, dst: pathlib.Path) -> int:
     """Write the exercise version of ``src`` to ``dst``; return the number of solution regions."""
     nb = nbformat.read(src, as_version=4)
     total = 0
     for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            cell.source = strip_answers(cell.source, where=f"{src.name}, cell {i}")[0]
         if cell.cell_type != "code":
             continue
         cell.source, n = strip_solutions(cell.source, where=f"{src.name}, cell {i}")
