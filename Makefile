@@ -35,7 +35,7 @@ notebooks: install  ## nbval over the notebooks only
 	$(BIN)/python -m pytest notebooks
 
 execute: install  ## re-run every notebook in place, top to bottom, so committed outputs come from one clean run
-	$(BIN)/python -m helpers.teaching.execute notebooks/[0-9]*.ipynb
+	$(BIN)/python -m helpers.teaching.execute notebooks/[0-9]*.ipynb --times notebooks/results/execute_times.json --readme README.md
 
 exercises: install  ## write the workshop versions (solutions replaced by stubs) to exercises/
 	$(BIN)/python -m helpers.teaching.exercises notebooks exercises

@@ -41,3 +41,29 @@ def test_committed_notebooks_are_one_clean_run():
             for out in c.get("outputs", []):
                 assert out["output_type"] != "error", f"{name} has an error output"
                 assert "/work/" not in json.dumps(out) and "/home/" not in json.dumps(out), f"{name} shows a machine path"
+
+
+def test_readme_minutes_are_those_of_the_last_execute_run():
+    """`make execute` saves each notebook's wall time and writes the README's minutes from them."""
+    from helpers.teaching.execute import ROW, minutes
+
+    times = json.loads((ROOT / "notebooks" / "results" / "execute_times.json").read_text())
+    rows = {m.group("name"): m.group("minutes") for m in ROW.finditer((ROOT / "README.md").read_text())}
+    assert set(rows) == set(NOTEBOOKS), "the README's notebook table must list every notebook once"
+    for name in NOTEBOOKS:
+        assert name in times, f"{name} has no saved run time; run `make execute`"
+        assert rows[name] == minutes(times[name]), f"README minutes of {name} are not the last run's; run `make execute`"
+
+
+DRAWS = re.compile(r"\b(plot_\w+|draw_\w+|axes)\(|plt\.(subplots|figure|show)\(|"
+                   r"\b(ax\w*|plt)\.(imshow|plot|bar|barh|scatter|hist|matshow|loglog|semilogy|pcolormesh)\(")
+
+
+def test_notebooks_that_draw_hold_their_pictures():
+    """A cell that draws must carry its image (a kernel with MPLBACKEND=Agg would store none)."""
+    for name in NOTEBOOKS:
+        nb = json.loads((ROOT / "notebooks" / name).read_text())
+        for i, c in enumerate(nb["cells"]):
+            if c["cell_type"] == "code" and DRAWS.search("".join(c["source"])):
+                images = [o for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+                assert images, f"{name}, cell {i} draws but holds no image; re-execute it with `make execute`"
