@@ -40,9 +40,10 @@ execute: install  ## re-run every notebook in place, top to bottom, so committed
 exercises: install  ## write the workshop versions (solutions replaced by stubs) to exercises/
 	$(BIN)/python -m helpers.teaching.exercises notebooks exercises
 
-bench: install  ## the MoE and MLA benchmarks (minutes; not part of the tests)
+bench: install  ## the MoE and MLA benchmarks (minutes; not part of the tests); saves medians, writes the README's tables
 	$(BIN)/python -m helpers.bench moe --save notebooks/results/bench_moe.json
-	$(BIN)/python -m helpers.bench mla
+	$(BIN)/python -m helpers.bench mla --save notebooks/results/bench_mla.json
+	$(BIN)/python -m helpers.teaching.readme README.md
 
 clean:
 	rm -rf $(VENV) exercises build *.egg-info

@@ -67,3 +67,13 @@ def test_notebooks_that_draw_hold_their_pictures():
             if c["cell_type"] == "code" and DRAWS.search("".join(c["source"])):
                 images = [o for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
                 assert images, f"{name}, cell {i} draws but holds no image; re-execute it with `make execute`"
+
+
+def test_readme_benchmark_figures_are_the_saved_results():
+    """The README's benchmark blocks are written from notebooks/results/ by `make bench`."""
+    from helpers.teaching.readme import render
+
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- BEGIN moe-bench -->" in readme
+    assert render(readme) == readme, "README benchmark figures differ from notebooks/results/; run " \
+        "`python -m helpers.teaching.readme README.md`"
