@@ -139,3 +139,12 @@ def test_audit_names_each_mistake():
     assert set(audit) == {m.name for m in check_softmax.mistakes}
     for mistake in check_softmax.mistakes:
         assert mistake.message in audit[mistake.name]
+
+
+def test_exercise_folder_carries_what_the_notebooks_read(tmp_path):
+    from helpers.teaching.exercises import main
+
+    main([str(NOTEBOOKS), str(tmp_path / "exercises")])
+    assert (tmp_path / "exercises" / "GLOSSARY.md").exists()
+    for saved in (NOTEBOOKS / "results").glob("*.json"):
+        assert (tmp_path / "exercises" / "results" / saved.name).read_text() == saved.read_text()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+import shutil
 
 import nbformat
 
@@ -107,9 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     for src in sorted(args.src.glob("[0-9]*.ipynb")):
         n = make_exercise_notebook(src, args.dst / src.name)
         print(f"{src.name}: {n} exercise(s)")
-    for extra in ("GLOSSARY.md",):
-        if (args.src / extra).exists():
-            (args.dst / extra).write_text((args.src / extra).read_text())
+    for extra in ("GLOSSARY.md", "results"):  # every file the notebooks read or link
+        source = args.src / extra
+        if source.is_dir():
+            shutil.copytree(source, args.dst / extra, dirs_exist_ok=True)
+        elif source.exists():
+            shutil.copyfile(source, args.dst / extra)
 
 
 if __name__ == "__main__":
