@@ -54,3 +54,38 @@ def test_moe_bench_rejects_unknown_or_non_integer_fields(bad, capsys):
     with pytest.raises(SystemExit):
         bench_moe.main(["--set", bad])
     assert "expected FIELD=INT" in capsys.readouterr().err
+
+
+def test_mla_bench_runs_end_to_end_and_its_saved_file_draws(tmp_path, capsys):
+    from helpers.mla import bench as bench_mla
+
+    saved_path = tmp_path / "mla.json"
+    bench_mla.main(["--small", "--contexts", "8", "16", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                    "--save", str(saved_path)])
+    printed = capsys.readouterr().out
+    assert "naive/absorbed" in printed and f"saved to {saved_path}" in printed
+    saved = bench_mla.load_saved(saved_path)
+    assert saved["contexts"] == [8, 16] and saved["threads"] == 1 and saved["attention"] == bench_mla.SMALL_ATTENTION
+    assert set(saved["versions"]) == {"torch", "transformers", "python"} and "threads" in saved["environment"]
+    assert set(saved["medians_ms"]) == set(bench_mla.VARIANTS) == set(saved["ranges_ms"])
+    for variant in bench_mla.VARIANTS:
+        assert sorted(saved["medians_ms"][variant]) == [8, 16]  # context lengths read back as ints
+        for context, (low, high) in saved["ranges_ms"][variant].items():
+            assert 0 < low <= saved["medians_ms"][variant][context] <= high
+    att = bench_mla.SMALL_ATTENTION
+    assert saved["bytes_per_token"]["MLA absorbed"] == (att["kv_lora_rank"] + att["qk_rope_head_dim"]) * 4
+    ax = bench_mla.plot_decode(saved, "test")
+    assert len(ax.get_lines()) >= len(bench_mla.VARIANTS) and ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(bench_mla.VARIANTS)
+
+
+def test_the_saved_mla_benchmark_loads_and_measured_the_v2_lite_sizes():
+    """notebooks/results/bench_mla.json (what notebook 23 plots) is a complete run at V2-Lite's sizes."""
+    import pathlib
+
+    from helpers.mla import bench as bench_mla
+
+    saved = bench_mla.load_saved(pathlib.Path(__file__).parent.parent / "notebooks" / "results" / "bench_mla.json")
+    assert saved["attention"] == bench_mla.V2_LITE_ATTENTION
+    assert all(sorted(saved["medians_ms"][v]) == saved["contexts"] for v in bench_mla.VARIANTS)
+    assert saved["contexts"][-1] >= 8192

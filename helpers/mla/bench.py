@@ -10,14 +10,19 @@ timed step the cache length is reset, so every step attends over exactly ``conte
 All caches (``KVCache`` and ``LatentCache``) are preallocated for the whole run and written in place: the
 same treatment for every variant. Cache bytes per token are measured from the cache tensors.
 
-Options: ``--contexts 1024 2048 ...``, ``--repeats N`` (halved from 8k on, at least 3), ``--threads N``,
-``--save results.json`` (for notebook 23's figure), ``--small`` (a seconds-long run, tiny sizes).
+Options: ``--contexts 1024 2048 ...``, ``--repeats N`` (halved from 8k on, at least 3), ``--warmup N``,
+``--threads N``, ``--small`` (a seconds-long run, tiny sizes), ``--save results.json``: the medians with their
+min..max ranges, the attention sizes, the thread count and the versions, read back by :func:`load_saved` and
+drawn by :func:`plot_decode` (notebook 23 plots ``notebooks/results/bench_mla.json``). The full run::
+
+    python -m helpers.bench mla --threads 2 --save notebooks/results/bench_mla.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 from typing import Any
 
 import torch
@@ -62,8 +67,8 @@ def decode_benchmark(attention: dict[str, Any] | None = None, contexts: tuple[in
     """Time one decode step of each variant at each context length (batch 1, fp32).
 
     Returns:
-        One row per (context, variant): ``context``, ``variant``, ``ms`` (median), ``runs``, ``bytes_per_token``
-        (measured on the cache), ``x_MHA`` (time relative to MHA).
+        One row per (context, variant): ``context``, ``variant``, ``ms`` (median), ``min_ms``, ``max_ms``,
+        ``runs``, ``bytes_per_token`` (measured on the cache), ``x_MHA`` (median time relative to MHA's).
     """
     attention = dict(V2_LITE_ATTENTION if attention is None else attention)
     seed_everything(0)
@@ -80,8 +85,10 @@ def decode_benchmark(attention: dict[str, Any] | None = None, contexts: tuple[in
             if verbose:
                 print(result.table().split("\n", 1)[1], flush=True)
             for name in VARIANTS:
-                rows.append(dict(context=context, variant=name, ms=1e3 * result.median(name), runs=n,
-                                 bytes_per_token=caches[name].bytes_per_token(), x_MHA=result.ratio(name)))
+                times = result.times[name]
+                rows.append(dict(context=context, variant=name, ms=1e3 * result.median(name), min_ms=1e3 * min(times),
+                                 max_ms=1e3 * max(times), runs=n, bytes_per_token=caches[name].bytes_per_token(),
+                                 x_MHA=result.ratio(name)))
     return rows
 
 
@@ -120,10 +127,68 @@ def summary(rows: list[dict], attention: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def saved_results(rows: list[dict], attention: dict[str, Any], *, repeats: int, warmup: int,
+                  gqa_kv_heads: int | None = None) -> dict[str, Any]:
+    """What ``--save`` writes: medians and min..max ranges (ms) per variant and context, and what was measured."""
+    import transformers
+
+    contexts = sorted({r["context"] for r in rows})
+    return {
+        "environment": environment_line(),
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "attention": dict(attention),
+        "gqa_kv_heads": max(1, attention["n_heads"] // 4) if gqa_kv_heads is None else gqa_kv_heads,
+        "batch": 1, "dtype": "fp32", "repeats": repeats, "warmup": warmup, "contexts": contexts,
+        "medians_ms": {v: {c: r["ms"] for c in contexts for r in rows if (r["context"], r["variant"]) == (c, v)}
+                       for v in VARIANTS},
+        "ranges_ms": {v: {c: [r["min_ms"], r["max_ms"]] for c in contexts for r in rows
+                          if (r["context"], r["variant"]) == (c, v)} for v in VARIANTS},
+        "bytes_per_token": {v: next(r["bytes_per_token"] for r in rows if r["variant"] == v) for v in VARIANTS},
+        "rows": rows,
+    }
+
+
+def load_saved(path) -> dict[str, Any]:
+    """Read a ``--save`` file back, with the context lengths of ``medians_ms`` and ``ranges_ms`` as ints."""
+    with open(path) as f:
+        saved = json.load(f)
+    for key in ("medians_ms", "ranges_ms"):
+        saved[key] = {v: {int(c): x for c, x in by_context.items()} for v, by_context in saved[key].items()}
+    return saved
+
+
+def plot_decode(saved: dict[str, Any], title: str = "One decode step against the context length", ax=None):
+    """Median time per decode step against the context (log-log), one line per variant, min..max as bars.
+
+    Args:
+        saved: :func:`load_saved`'s result (or :func:`saved_results`'s).
+        title: the plot's title; ax: an Axes to draw on (default: a new figure).
+    Returns:
+        The Axes.
+    """
+    from helpers.teaching.plotting import axes
+
+    ax = axes(title, "context length (tokens, log scale)", "time per decode step (ms, median, log scale)", ax=ax)
+    for name in VARIANTS:
+        points = sorted(saved["medians_ms"][name].items())
+        contexts, ms = [c for c, _ in points], [m for _, m in points]
+        low_high = [saved["ranges_ms"][name][c] for c in contexts]
+        err = [[m - lo for m, (lo, _) in zip(ms, low_high)], [hi - m for m, (_, hi) in zip(ms, low_high)]]
+        ax.errorbar(contexts, ms, yerr=err, marker="o", capsize=3, label=name,
+                    linestyle="--" if name == "MLA naive" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.legend()
+    return ax
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.bench mla", description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--small", action="store_true", help="tiny attention sizes, for a quick look")
     parser.add_argument("--save", default=None, help="write the rows and the environment as JSON")
@@ -135,8 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     print("attention: " + ", ".join(f"{k}={v}" for k, v in attention.items()) + "; batch 1, fp32; "
           f"MHA {attention['n_heads']} heads of {attention['v_head_dim']}, GQA {max(1, attention['n_heads'] // 4)} "
           "kv heads; caches preallocated, written in place")
-    rows = decode_benchmark(attention, tuple(args.contexts), repeats=args.repeats)
+    rows = decode_benchmark(attention, tuple(args.contexts), repeats=args.repeats, warmup=args.warmup)
     print(summary(rows, attention))
     if args.save:
         with open(args.save, "w") as f:
-            json.dump(dict(environment=environment_line(), attention=attention, rows=rows), f, indent=1)
+            json.dump(saved_results(rows, attention, repeats=args.repeats, warmup=args.warmup), f, indent=1)
+        print(f"saved to {args.save}")
