@@ -1,22 +1,29 @@
 """Exercise checkers for the MLA notebooks (20-24), built on :mod:`helpers.teaching.checks`.
 
 Each checker compares a learner's function with the finished pieces in :mod:`helpers.mla` and, when
-the answer is wrong, recognises the usual mistakes and says what is wrong and where to look:
+the answer is wrong, recognises the usual one-step mistakes and says what is wrong and where to look;
+when no known mistake matches, it says what differs (which heads, positions, NaN rows) without guessing:
 
+- :data:`check_causal_attention` -- ``causal_attention(q, k, v, start_pos) -> o`` with grouped key/value
+  heads and a cache offset (notebook 20; V2 paper eq. 1-8);
 - :data:`check_compress_expand` -- ``compress_expand(h, w_dkv, kv_norm, w_uk, w_uv) -> (c_kv, k_nope, v)``
   (notebook 21; V2 paper eq. 9-11);
 - :data:`check_split_rope` -- ``split_and_rope(q, k_rope, cos, sin, qk_nope_head_dim, interleave)
   -> (q_nope, q_rope, k_rope)`` (notebook 22; V2 paper eq. 14-16);
+- :data:`check_cached_mla` -- a whole MLA layer class: prefill, then token-by-token decode with a
+  :class:`helpers.mla.LatentCache`, against the full pass without a cache (notebook 22);
 - :data:`check_absorbed_attention` -- ``absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv,
   softmax_scale, start_pos) -> o`` (notebook 23; V2 paper Sec. 2.1.2, eq. 17).
 
-Every known mistake is a small function below that makes that mistake on purpose (``_mistake_*``);
-the checker matches the learner's output against it.
-
+Each known mistake is a small function (or, for the layer, a class) that makes that mistake on purpose;
+``checker.audit()`` runs them all, and the tests prove each gets its own message.
 """
 
 from helpers.mla.checks.absorption import check_absorbed_attention
+from helpers.mla.checks.attention import check_causal_attention
+from helpers.mla.checks.cached import check_cached_mla
 from helpers.mla.checks.compression import check_compress_expand
 from helpers.mla.checks.rope import check_split_rope
 
-__all__ = ["check_compress_expand", "check_split_rope", "check_absorbed_attention"]
+__all__ = ["check_causal_attention", "check_compress_expand", "check_split_rope", "check_cached_mla",
+           "check_absorbed_attention"]

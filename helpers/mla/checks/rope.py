@@ -27,9 +27,11 @@ def _split_rope_case(description: str, seed: int, b: int, t: int, start: int, n_
 
 def _split_rope_cases() -> list[Case]:
     return [
-        _split_rope_case("interleave=True, positions 0..3, n_h=3, d_h=6, d_h^R=8", 0, 2, 4, 0, 3, 6, 8, True),
-        _split_rope_case("interleave=False, positions 5..7, n_h=2, d_h=4, d_h^R=4", 1, 1, 3, 5, 2, 4, 4, False),
-        _split_rope_case("interleave=True, one decode step at position 9, d_h^R=6", 2, 2, 1, 9, 4, 8, 6, True),
+        _split_rope_case("interleave=True, B=2, positions 0..3 (T=4), n_h=3, d_h=6, d_h^R=8", 0, 2, 4, 0, 3, 6, 8, True),
+        _split_rope_case("interleave=False, B=1, positions 5..7 (T=3), n_h=2, d_h=10, d_h^R=4", 1, 1, 3, 5, 2, 10, 4,
+                         False),
+        _split_rope_case("interleave=True, B=2, one decode step at position 9, n_h=4, d_h=8, d_h^R=6", 2, 2, 1, 9, 4,
+                         8, 6, True),
     ]
 
 
@@ -85,6 +87,15 @@ def _mistake_k_rope_not_rotated(q, k_rope, cos, sin, qk_nope_head_dim, interleav
     return q_nope, q_rope, k_rope
 
 
+def _mistake_q_rope_not_rotated(q, k_rope, cos, sin, qk_nope_head_dim, interleave=True):
+    q_nope, _, k = reference_split_and_rope(q, k_rope, cos, sin, qk_nope_head_dim, interleave)
+    return q_nope, q[..., qk_nope_head_dim:], k
+
+
+def _mistake_cos_sin_swapped(q, k_rope, cos, sin, qk_nope_head_dim, interleave=True):
+    return reference_split_and_rope(q, k_rope, sin, cos, qk_nope_head_dim, interleave)
+
+
 def _diagnose_split_rope_shape(got: Any, want: Any, kwargs: dict[str, Any]) -> str | None:
     if isinstance(got, (tuple, list)) and len(got) == 3 and isinstance(got[2], Tensor) and got[2].dim() == 4:
         return (f"k_rope has a head axis {tuple(got[2].shape)}: MLA has one RoPE key k^R per token, shared by all "
@@ -101,15 +112,16 @@ def _diagnose_split_rope(got: Any, want: Any, kwargs: dict[str, Any]) -> str | N
 
 check_split_rope = ShapeAwareChecker(
     name="split_and_rope",
-    nudge="only the last qk_rope_head_dim numbers of each query head carry a position.",
+    nudge="only the last qk_rope_head_dim numbers of each query head carry a position; the key's RoPE part is "
+          "one vector per token, for all heads.",
     checker_name="check_split_rope",
     cases=_split_rope_cases,
     reference=reference_split_and_rope,
     mistakes=[
         Mistake("RoPE on the nope part", _mistake_rope_on_nope_part,
-                "RoPE was applied to the content (nope) channels: each head's query is laid out "
-                "[q_nope (qk_nope_head_dim) | q_rope (qk_rope_head_dim)], so q_rope is the *last* "
-                "qk_rope_head_dim channels and only those are rotated."),
+                "RoPE was applied to the front channels (the split sizes or their order are swapped): each head's "
+                "query is laid out [q_nope (qk_nope_head_dim) | q_rope (qk_rope_head_dim)], so q_rope is the "
+                "*last* qk_rope_head_dim channels and only those are rotated."),
         Mistake("per-head k^R", _mistake_per_head_k_rope,
                 "k_rope has one copy per head: MLA has a single RoPE key k^R per token, shared by all heads "
                 "(it is cached once, beside c_kv); return it as [B, T, qk_rope_head_dim]."),
@@ -127,6 +139,11 @@ check_split_rope = ShapeAwareChecker(
         Mistake("rotated backwards", _mistake_rotate_backwards,
                 "the rotation goes the wrong way: for a pair (x1, x2) the result is "
                 "(x1 cos - x2 sin, x2 cos + x1 sin)."),
+        Mistake("q^R not rotated", _mistake_q_rope_not_rotated,
+                "q_rope is returned unrotated: the query's RoPE part is rotated too (by the angles of its own "
+                "position; give cos and sin a head axis, cos[:, None])."),
+        Mistake("cos and sin swapped", _mistake_cos_sin_swapped,
+                "cos and sin are swapped: a pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin)."),
         Mistake("k^R not rotated", _mistake_k_rope_not_rotated,
                 "k_rope is returned unrotated: the shared key gets the same RoPE rotation (same cos, sin) as "
                 "the queries, before it is cached."),
