@@ -52,14 +52,16 @@ def moe_block(saved: dict[str, Any]) -> str:
 
 def mla_block(saved: dict[str, Any]) -> str:
     """The MLA decode benchmark's configuration line and table (milliseconds per decode step)."""
-    rows = saved["rows"]
-    names = [n for n in saved["variants"] if any(n in r["ms"] for r in rows)]
-    lines = [f"{saved['description']}; {saved['environment']}; medians of {saved['repeats']} interleaved rounds "
-             "after a warm-up. Milliseconds per decode step (one new token, batch 1):", "",
+    att, medians = saved["attention"], saved["medians_ms"]
+    names = list(medians)
+    lines = [f"Attention of hidden {att['hidden_size']}, {att['n_heads']} heads, d_c = {att['kv_lora_rank']}, "
+             f"d_h = {att['qk_nope_head_dim']}, d_h^R = {att['qk_rope_head_dim']} (GQA with {saved['gqa_kv_heads']} "
+             f"key/value heads), batch {saved['batch']}, {saved['dtype']}; {saved['environment']}; medians of "
+             f"{saved['repeats']} interleaved rounds after {saved['warmup']} warm-up. Milliseconds per decode step "
+             "(one new token against a cache of `context` tokens):", "",
              "| context | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
-    for r in rows:
-        lines.append(f"| {r['context']} | " + " | ".join(f"{r['ms'][n]:.2f}" if n in r["ms"] else "-"
-                                                       for n in names) + " |")
+    for context in saved["contexts"]:
+        lines.append(f"| {context} | " + " | ".join(f"{medians[n][str(context)]:.1f}" for n in names) + " |")
     return "\n".join(lines)
 
 
