@@ -180,7 +180,7 @@ def plot_decode(saved: dict[str, Any], title: str = "One decode step against the
                     linestyle="--" if name == "MLA naive" else "-")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)
     return ax
 
 
