@@ -111,8 +111,10 @@ class SortedDispatch(torch.autograd.Function):
         dgate  = da * up * SiLU'(gate)      dup     = da * SiLU(gate)        SiLU'(z) = s(z)(1 + z(1 - s(z)))
         dh     = [dgate, dup]               dW_gate_up = dh^T x,   dL/du[tok] += dh W_gate_up
 
-    Six matrix products per expert in all (two forward, four backward), the same count as a dense
-    SwiGLU under autograd. Both passes run the experts in ``n_workers`` parts with
+    Six matrix products per expert in all (two forward, four backward). Counting products is not
+    counting FLOPs, but here each backward product has the size of a forward one, so the backward
+    does twice the forward's ``6 n_e H I`` FLOPs, as autograd would (notebook 11 counts them with
+    ``FlopCounterMode``). Both passes run the experts in ``n_workers`` parts with
     :func:`expert_parallel`. :func:`dispatch` calls it; the indices get no gradient.
     """
 
@@ -165,7 +167,8 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
     expert as two matrix multiplications on all of its tokens at once, weight the rows by ``g`` and
     add them back to their tokens with ``index_add_``; one host-device sync (the slice bounds). The
     work is :class:`SortedDispatch` (a hand-written backward that keeps memory traffic per expert),
-    with the experts shared out over ``n_workers`` CPU threads (:func:`expert_parallel`).
+    with the experts shared out over ``n_workers`` CPU threads (:func:`expert_parallel`, an analogy of
+    expert parallelism inside one process).
 
     Args:
         u: (T, H) tokens.

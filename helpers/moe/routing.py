@@ -1,6 +1,7 @@
 """The DeepSeekMoE router: affinities, group-limited top-k, gating values (V2 and V3).
 
-``route`` is the whole router (V3 eq. 13-16, V2 eq. 20-22); its pieces are ``affinity`` (softmax or
+``route`` is the whole router (V3 eq. 13-16, V2 eq. 21-22, plus the released code's
+``routed_scaling_factor``); its pieces are ``affinity`` (softmax or
 sigmoid scores), ``select_experts`` (group-limited top-k on ``s + b``) and ``gating_weights``
 (optional renormalisation, then ``routed_scaling_factor``). ``validate_routing`` is the one home of
 the rules that make a routing configuration possible.
@@ -85,7 +86,10 @@ def gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed
 
     The values come from the affinities ``s`` themselves, never from the biased ``s + b``: the bias
     only decides *which* experts run (arXiv 2408.15664 eq. 3). With ``norm_topk_prob`` they are divided
-    by their sum (V3 eq. 13); then all are multiplied by ``routed_scaling_factor``.
+    by their sum (V3 eq. 13; DeepSeekMoE and V2 keep them as they are, ``norm_topk_prob=False`` in the
+    released V2 and V2-Lite configs); then all are multiplied by ``routed_scaling_factor``. That scale
+    is in no paper's equations: it comes from the released configs and code (2.5 in V3's config, 16.0
+    in V2's, 1.0 in V2-Lite's; :mod:`helpers.configs`).
 
     Args:
         scores: (T, E) affinities ``s``.

@@ -36,9 +36,10 @@ def _thread_pool(n_workers: int) -> ThreadPoolExecutor:
 def expert_parallel(fn: Callable[..., R], parts: list[tuple]) -> list[R]:
     """``[fn(*part) for part in parts]``, one CPU thread per part, each part's matmuls single-threaded.
 
-    Expert parallelism on one machine: instead of splitting every (small) expert matmul across the
-    cores, which costs a synchronisation of all threads per matmul, each core runs whole experts on
-    its own. The intra-op thread count is set to 1 while the parts run (a process-wide setting) and
+    An analogy of expert parallelism inside one process (real expert parallelism puts the experts on
+    different devices and moves the tokens with all-to-all): instead of splitting every (small)
+    expert matmul across the cores, which costs a synchronisation of all threads per matmul, each
+    core runs whole experts on its own. The intra-op thread count is set to 1 while the parts run (a process-wide setting) and
     restored after; autograd is off in the workers (the callers handle gradients themselves).
     """
     def run(part: tuple) -> R:
