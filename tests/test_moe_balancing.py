@@ -22,7 +22,6 @@ def test_statistics_by_hand():
     torch.testing.assert_close(bias, torch.tensor([0.1, 0.1, 0.1, -0.1, 0.1]))
 
 
-
 def test_expert_level_aux_loss_by_hand():
     scores = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1]])
     indices = torch.tensor([[0, 1], [1, 0], [0, 2]])
@@ -31,7 +30,6 @@ def test_expert_level_aux_loss_by_hand():
     p = [sum(scores[j, i].item() for j in range(t)) / t for i in range(n_e)]  # V2 eq. 25
     want = 0.01 * sum(fi * pi for fi, pi in zip(f, p))  # V2 eq. 23
     torch.testing.assert_close(expert_level_aux_loss(scores, indices, n_e, 0.01), torch.tensor(want))
-
 
 
 def test_sequence_wise_aux_loss_by_hand():
@@ -49,7 +47,6 @@ def test_sequence_wise_aux_loss_by_hand():
         losses.append(0.001 * loss)  # V3 eq. 17
     got = sequence_wise_aux_loss(scores, indices, n_e, 0.001)
     torch.testing.assert_close(got, torch.tensor(sum(losses) / b))
-
 
 
 def test_aux_losses_do_not_change_the_output():
@@ -70,7 +67,6 @@ def test_aux_losses_do_not_change_the_output():
     assert with_losses.gate_weight.grad.abs().sum() > 0  # the loss trains the router
 
 
-
 def test_bias_gets_no_gradient():
     torch.manual_seed(0)
     layer = DeepSeekMoE(8, 4, 4, 2, gamma=0.1, seq_aux_loss_alpha=0.1)
@@ -78,7 +74,6 @@ def test_bias_gets_no_gradient():
     out = layer(torch.randn(2, 3, 8))
     (out.sum() + layer.aux_loss).backward()
     assert layer.bias.grad is None and layer.gate_weight.grad is not None
-
 
 
 def test_update_bias_accumulates_training_load_then_restarts():
@@ -96,3 +91,63 @@ def test_update_bias_accumulates_training_load_then_restarts():
     layer.update_bias()
     torch.testing.assert_close(layer.bias, 0.25 * torch.sign(load.mean() - load))
     assert not layer.load_since_update.any()
+
+
+def test_expert_level_loss_normalises_sigmoid_scores_by_hand():
+    torch.manual_seed(1)
+    t, n_e, k = 6, 5, 2
+    scores = torch.rand(t, n_e)  # sigmoid-like: rows do not sum to 1
+    indices = torch.rand(t, n_e).topk(k, dim=-1).indices
+    f = [n_e / (k * t) * sum(int(i in row) for row in indices.tolist()) for i in range(n_e)]  # V2 eq. 24
+    p = [sum((scores[j, i] / scores[j].sum()).item() for j in range(t)) / t for i in range(n_e)]  # V3 eq. 19-20
+    want = 0.1 * sum(fi * pi for fi, pi in zip(f, p))
+    torch.testing.assert_close(expert_level_aux_loss(scores, indices, n_e, 0.1), torch.tensor(want))
+
+
+def test_no_auxiliary_loss_rewards_shrinking_every_score():
+    torch.manual_seed(2)
+    scores = torch.rand(2, 7, 6)
+    indices = torch.rand(2, 7, 6).topk(2, dim=-1).indices
+    for loss in (expert_level_aux_loss, sequence_wise_aux_loss):
+        torch.testing.assert_close(loss(0.01 * scores, indices, 6, 1.0), loss(scores, indices, 6, 1.0))
+
+
+def test_normalising_softmax_scores_changes_neither_value_nor_gradient():
+    torch.manual_seed(3)
+    logits = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    indices = logits.detach().topk(2, dim=-1).indices
+    ours = expert_level_aux_loss(logits.softmax(-1), indices, 6, 0.5)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    f = expert_load(indices, 6).double() * 6 / (2 * 9)
+    v2 = 0.5 * (f * logits.softmax(-1).mean(0)).sum()  # V2 eq. 23-25 on the raw softmax scores
+    (grad_v2,) = torch.autograd.grad(v2, logits)
+    torch.testing.assert_close(ours, v2)
+    torch.testing.assert_close(grad_ours, grad_v2)
+
+
+def test_expert_level_loss_of_one_sequence_is_the_sequence_wise_loss():
+    torch.manual_seed(4)
+    scores, indices = torch.rand(11, 8), torch.rand(11, 8).topk(3, dim=-1).indices
+    torch.testing.assert_close(expert_level_aux_loss(scores, indices, 8, 0.2),
+                               sequence_wise_aux_loss(scores, indices, 8, 0.2))
+
+
+@pytest.mark.parametrize("field", ["aux_loss_alpha", "seq_aux_loss_alpha"])
+def test_sigmoid_layer_losses_use_normalised_scores(field):
+    torch.manual_seed(5)
+    layer = DeepSeekMoE(16, 8, 8, 2, scoring_func="sigmoid", **{field: 0.3})
+    x = torch.randn(3, 4, 16)
+    layer(x)
+    s = torch.sigmoid(x.reshape(-1, 16) @ layer.gate_weight.T)  # (T, E) raw sigmoid scores
+    s_norm = s / s.sum(dim=-1, keepdim=True)  # V3 eq. 19
+    idx = layer.last_stats.indices
+    f = expert_load(idx, 8) * 8 / (2 * 12)
+    if field == "aux_loss_alpha":  # all 12 tokens pooled
+        want = 0.3 * (f * s_norm.mean(0)).sum()
+    else:  # per sequence of 4 tokens, then the mean
+        want = sequence_wise_aux_loss(s_norm.view(3, 4, 8), idx.view(3, 4, 2), 8, 0.3)
+    torch.testing.assert_close(layer.aux_loss, want)
+    raw = 0.3 * (f * s.mean(0)).sum()
+    assert not torch.isclose(layer.aux_loss, raw)  # not V2's formula on raw sigmoid scores
+    layer.aux_loss.backward()
+    assert layer.gate_weight.grad.abs().sum() > 0

@@ -1,8 +1,17 @@
 """Load-balance statistics and the three balancing methods of DeepSeekMoE.
 
 ``expert_load`` and ``max_violation`` (MaxVio) measure the balance; ``update_bias`` is the
-auxiliary-loss-free bias update (arXiv 2408.15664, V3 §2.1.2); ``expert_level_aux_loss`` is V2's
-expert-level loss and ``sequence_wise_aux_loss`` V3's complementary sequence-wise loss.
+auxiliary-loss-free bias update (arXiv 2408.15664 Algorithm 1, V3 §2.1.2); ``expert_level_aux_loss``
+(V2 eq. 23-25) and ``sequence_wise_aux_loss`` (V3 eq. 17-20) are the auxiliary losses.
+
+The two losses are one formula, ``alpha * sum_i f_i P_i``; they differ in what ``T`` counts and in
+the scores. Both papers count the tokens of one *sequence* (V2 §2.2.3, V3 §2.1.2);
+``expert_level_aux_loss`` pools every token it is given (over a batch: the "batch-wise auxiliary
+loss" of V3 §4.5.3), ``sequence_wise_aux_loss`` averages over sequences. ``P_i`` must average a
+distribution over the experts: V2's softmax scores are one; V3's sigmoid scores are normalised per
+token first, ``s' = s / sum_j s`` (V3 eq. 19). On raw sigmoid scores the loss could be lowered by
+pushing *every* score down, without moving a single token, so both functions always normalise
+(for softmax scores this changes neither the value nor the gradient with respect to the logits).
 """
 
 from __future__ import annotations
@@ -25,22 +34,30 @@ def max_violation(load: Tensor) -> Tensor:
 
 @torch.no_grad()
 def update_bias(bias: Tensor, load: Tensor, gamma: float) -> Tensor:
-    """Auxiliary-loss-free update ``b_i <- b_i + gamma * sign(mean load - load_i)`` (2408.15664 eq. 3-4).
+    """Auxiliary-loss-free update ``b_i <- b_i + gamma * sign(mean load - load_i)`` (2408.15664 Algorithm 1).
 
-    Overloaded experts get a lower bias, idle ones a higher bias (V3 §2.1.2). Returns a new tensor.
+    Overloaded experts get a lower bias, idle ones a higher bias (V3 §2.1.2, where the speed is
+    called ``gamma``; the paper's Algorithm 1 calls it ``u``). Returns a new tensor.
     """
     return bias + gamma * torch.sign(load.float().mean() - load.float()).to(bias.dtype)
 
 
-def expert_level_aux_loss(scores: Tensor, indices: Tensor, n_experts: int, alpha: float) -> Tensor:
-    """DeepSeek-V2's expert-level balance loss (V2 eq. 23-25; DeepSeekMoE eq. 12-14).
+def normalized_scores(scores: Tensor) -> Tensor:
+    """``s'_{i,t} = s_{i,t} / sum_j s_{j,t}`` (V3 eq. 19): each token's affinities as a distribution."""
+    return scores / scores.sum(dim=-1, keepdim=True)
 
-    ``L = alpha * sum_i f_i P_i``, ``f_i = N_r / (K_r T) * sum_t 1(t chose i)``,
-    ``P_i = 1/T * sum_t s_{i,t}``. Gradients flow through ``P`` only. Equals ``alpha`` at perfect balance
-    with uniform affinities.
+
+def expert_level_aux_loss(scores: Tensor, indices: Tensor, n_experts: int, alpha: float) -> Tensor:
+    """The expert-level balance loss ``alpha * sum_i f_i P_i`` over all given tokens (V2 eq. 23-25).
+
+    ``f_i = N_r / (K_r T) * sum_t 1(t chose i)`` (1 for every expert at perfect balance) and
+    ``P_i = 1/T * sum_t s'_{i,t}`` with ``s'`` the per-token normalised scores (V3 eq. 19; for V2's
+    softmax scores ``s' = s``, and the loss is exactly V2's). ``T`` is every token passed in: one
+    sequence gives the papers' definition, a flattened batch the batch-wise loss of V3 §4.5.3.
+    Gradients flow through ``P`` only. Equals ``alpha`` at perfect balance with uniform affinities.
 
     Args:
-        scores: (..., E) softmax affinities of all tokens (leading dims are flattened).
+        scores: (..., E) affinities of all tokens, softmax or sigmoid (leading dims are flattened).
         indices: (..., k) chosen experts.
         n_experts: ``N_r``.
         alpha: ``alpha_1``.
@@ -48,7 +65,7 @@ def expert_level_aux_loss(scores: Tensor, indices: Tensor, n_experts: int, alpha
     Returns:
         A scalar tensor.
     """
-    scores = scores.reshape(-1, n_experts)  # (T, E)
+    scores = normalized_scores(scores.reshape(-1, n_experts))  # (T, E)
     n_tokens, top_k = scores.shape[0], indices.shape[-1]
     f = expert_load(indices, n_experts).to(scores.dtype) * n_experts / (top_k * n_tokens)  # (E,)
     p = scores.mean(dim=0)  # (E,)
@@ -58,9 +75,10 @@ def expert_level_aux_loss(scores: Tensor, indices: Tensor, n_experts: int, alpha
 def sequence_wise_aux_loss(scores: Tensor, indices: Tensor, n_experts: int, alpha: float) -> Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss (V3 eq. 17-20), averaged over sequences.
 
-    Per sequence of ``T`` tokens: ``s'_{i,t} = s_{i,t} / sum_j s_{j,t}`` (eq. 19),
-    ``f_i = N_r / (K_r T) * sum_t 1(t chose i)`` (eq. 18), ``P_i = 1/T * sum_t s'_{i,t}`` (eq. 20),
-    ``L_Bal = alpha * sum_i f_i P_i`` (eq. 17).
+    Per sequence of ``T`` tokens: ``f_i = N_r / (K_r T) * sum_t 1(t chose i)`` (eq. 18),
+    ``s'_{i,t} = s_{i,t} / sum_j s_{j,t}`` (eq. 19), ``P_i = 1/T * sum_t s'_{i,t}`` (eq. 20),
+    ``L_Bal = alpha * sum_i f_i P_i`` (eq. 17). With softmax scores this is V2's expert-level loss
+    (eq. 23-25) taken per sequence, as V2 defines it.
 
     Args:
         scores: (B, T, E) affinities (sigmoid in V3; normalised per token here), or (T, E) for one sequence.
@@ -77,5 +95,5 @@ def sequence_wise_aux_loss(scores: Tensor, indices: Tensor, n_experts: int, alph
     top_k = indices.shape[-1]
     chosen = F.one_hot(indices, n_experts).sum(dim=-2).to(scores.dtype)  # (B, T, E) 0/1
     f = chosen.sum(dim=1) * n_experts / (top_k * n_tokens)  # (B, E)
-    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+    p = normalized_scores(scores).mean(dim=1)  # (B, E)
     return alpha * (f * p).sum(dim=-1).mean()

@@ -12,9 +12,10 @@ The layer computes, for every token ``u_t`` (DeepSeek-V3, arXiv 2412.19437, eq. 
 and no bias; both scale the routed gating values by ``routed_scaling_factor``. Group-limited
 routing (V2 §2.2.2, V3 §2.1.2) first keeps the ``topk_group`` best of ``n_group`` groups of experts.
 
-Balancing: the auxiliary-loss-free bias ``b_i`` (arXiv 2408.15664 eq. 3-4, V3 §2.1.2) only changes
-which experts are chosen and is nudged by ``gamma`` after each step; the auxiliary losses are V2's
-expert-level loss (V2 eq. 23-25) and V3's sequence-wise loss (V3 eq. 17-20).
+Balancing: the auxiliary-loss-free bias ``b_i`` (V3 eq. 16, arXiv 2408.15664 eq. 3) only changes
+which experts are chosen and is nudged by ``gamma`` after each step (2408.15664 Algorithm 1, V3
+§2.1.2); the auxiliary losses are the expert-level loss (V2 eq. 23-25) over all tokens of a forward
+call and V3's sequence-wise loss (V3 eq. 17-20), both on per-token normalised scores (V3 eq. 19).
 
 Everything is pure functions plus one module, :class:`DeepSeekMoE`. Names follow the glossary
 (``notebooks/GLOSSARY.md``); weights are stored like ``transformers``' fused experts so conversion is
@@ -77,8 +78,10 @@ class DeepSeekMoE(nn.Module):
         norm_topk_prob: renormalise the chosen gating values (V3: True, V2: False).
         routed_scaling_factor: scale on the routed gating values.
         gamma: bias update speed ``gamma`` for :meth:`update_bias` (0: the bias never moves).
-        aux_loss_alpha: ``alpha_1`` of V2's expert-level loss (0: off).
-        seq_aux_loss_alpha: ``alpha`` of V3's sequence-wise loss (0: off).
+        aux_loss_alpha: ``alpha_1`` of the expert-level loss (V2 eq. 23-25) over all tokens of the
+            forward call (a batch: V3 §4.5.3's batch-wise loss; V2 itself counts one sequence) (0: off).
+        seq_aux_loss_alpha: ``alpha`` of V3's sequence-wise loss (V3 eq. 17-20), per sequence of the
+            input's second-to-last dimension (0: off). With softmax scores it is V2's per-sequence loss.
         group_score: ``"top2_sum"`` or ``"max"``; default follows ``scoring_func`` (V3 / V2).
 
     Parameters: ``gate_weight`` (E, H) (the centroids ``e_i``), buffer ``bias`` (E,) (``b_i``, no
@@ -86,6 +89,10 @@ class DeepSeekMoE(nn.Module):
 
     ``forward`` returns only the output; after it, ``self.last_stats`` (a :class:`RoutingStats`) and
     ``self.aux_loss`` (a scalar tensor, 0 when both alphas are 0) hold the statistics and the loss.
+
+    Both auxiliary losses average the per-token *normalised* scores ``s' = s / sum_j s`` (V3 eq. 19),
+    also with ``scoring_func="sigmoid"`` and ``aux_loss_alpha``: V2's formula on raw sigmoid scores
+    could be lowered by pushing every score down without moving a token. For softmax ``s' = s``.
     """
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int,
@@ -179,7 +186,7 @@ class DeepSeekMoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Move ``bias`` by ``gamma`` against the load counted since the last update (2408.15664 eq. 3-4).
+        """Move ``bias`` by ``gamma`` against the load counted since the last update (2408.15664 Algorithm 1).
 
         The load of every training-mode forward since the previous call is summed, so gradient
         accumulation over several micro-batches gives one update per optimiser step; the count
