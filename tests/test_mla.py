@@ -203,3 +203,28 @@ def test_decode_benchmark_smoke():
     assert per_token["MHA"] == 2 * n_h * d_v * 4 and per_token["GQA"] == 2 * (n_h // 4) * d_v * 4
     assert per_token["MLA absorbed"] == (SMALL_ATTENTION["kv_lora_rank"] + SMALL_ATTENTION["qk_rope_head_dim"]) * 4
     assert "goal: MLA bytes/token" in summary(rows, SMALL_ATTENTION)
+
+
+def test_diagrams_draw_what_they_claim():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from helpers.mla import causal_mask
+    from helpers.mla.diagrams import draw_causal_mask, draw_mla_dataflow, plot_singular_values
+
+    ax = draw_causal_mask(3, 7, 4)
+    drawn = torch.as_tensor(ax.images[0].get_array().data)
+    assert torch.equal(drawn.bool(), causal_mask(3, 7, 4))  # the picture is the real mask
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["4", "5", "6"]  # rows at absolute positions
+    plt.close("all")
+    naive, absorbed = draw_mla_dataflow(), draw_mla_dataflow(absorb=True)
+    labels = [[t.get_text() for t in a.get_legend().get_texts()] for a in (naive, absorbed)]
+    assert "moved by absorption" not in " ".join(labels[0]) and "moved by absorption" in " ".join(labels[1])
+    texts = " ".join(t.get_text() for t in absorbed.texts)
+    assert "W^UK_i^T q^C" in texts and "never formed" in texts
+    plt.close("all")
+    ax = plot_singular_values({"a": torch.tensor([4.0, 2.0, 0.0]), "b": torch.tensor([1.0, 1.0, 1.0])}, d_c=2)
+    assert len(ax.get_lines()) == 3 and ax.get_yscale() == "log"  # two spectra and the d_c line
+    plt.close("all")

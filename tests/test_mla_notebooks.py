@@ -146,3 +146,24 @@ def test_nb22_mla_equals_transformers(nb22):
             want, _ = hf(x, position_embeddings=DeepseekV3RotaryEmbedding(config)(x, torch.arange(6)[None]),
                          attention_mask=causal)
             torch.testing.assert_close(ours(x), want, **ATOL)
+
+
+@pytest.mark.parametrize("n_kv_heads", [6, 3, 2, 1])
+def test_nb20_grouped_causal_attention_equals_copied_heads(nb20, n_kv_heads):
+    seed_everything(0)
+    q = torch.randn(2, 6, 4, 8)  # (B, n_h, T, d_h): 4 new tokens
+    k, v = torch.randn(2, 2, n_kv_heads, 7, 8).unbind(0)  # (B, n_kv, S, d_h): 3 cached + 4 new
+    group = 6 // n_kv_heads
+    full_q = torch.cat([torch.randn(2, 6, 3, 8), q], dim=2)  # queries of all 7 tokens
+    want = torch.nn.functional.scaled_dot_product_attention(
+        full_q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), is_causal=True)[:, :, 3:]
+    torch.testing.assert_close(nb20.causal_attention(q, k, v, start_pos=3), want, **ATOL)
+
+
+def test_nb22_rope_matrix_is_the_rotation_and_composes(nb22):
+    seed_everything(0)
+    x = torch.randn(12)
+    for p in (0, 3, 250):
+        cos, sin = rope_cos_sin(torch.tensor([p]), 12)
+        torch.testing.assert_close(nb22.rope_matrix(p, 12) @ x, apply_rope(x[None], cos, sin)[0], **ATOL)
+    torch.testing.assert_close(nb22.rope_matrix(9, 12).T @ nb22.rope_matrix(5, 12), nb22.rope_matrix(-4, 12), **ATOL)

@@ -148,13 +148,15 @@ def plot_singular_values(spectra: dict[str, Tensor], d_c: int, *, ax: plt.Axes |
         ax: an existing Axes, or ``None`` for a new one.
     """
     ax = axes(title, "index of the singular value (largest first)", "singular value / largest (log scale)", ax=ax)
+    lowest = 1.0
     for name, values in spectra.items():
         values = values.detach().double()
         relative = (values / values[0]).clamp_min(1e-17)  # exact zeros would vanish from a log plot
+        lowest = min(lowest, relative.min().item())
         ax.plot(torch.arange(1, len(values) + 1), relative, label=name)
     ax.axvline(d_c, color="0.3", linestyle="--", linewidth=1)
-    ax.text(d_c, 1e-16, f"  d_c = {d_c}", va="bottom", fontsize=9)
     ax.set_yscale("log")
-    ax.set_ylim(1e-17, 3)
+    ax.set_ylim(lowest / 10, 3)
+    ax.text(d_c, lowest / 5, f"  d_c = {d_c}", va="bottom", fontsize=9)
     ax.legend()
     return ax

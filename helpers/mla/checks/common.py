@@ -29,12 +29,26 @@ class ShapeAwareChecker(Checker):
 
     def explain(self, fn: Callable[..., Any]) -> str | None:
         message = explain_raise(self, fn, super().explain(fn))
+        if message is not None and self.diagnose is not None and "where the expected output is finite" in message:
+            message = self._describe_non_finite(fn, message)
         if message is None or self.diagnose_shape is None or not any(
                 generic in message for generic in ("shape (", "value(s), expected")):
             return message
         for case, fresh in zip(self.cases(), self.cases()):
             got = fn(**case.kwargs)  # it ran without raising in super().explain
             specific = self.diagnose_shape(got, self.reference(**fresh.kwargs), fresh.kwargs)
+            if specific:
+                return str(self._fail(case, specific))
+        return message
+
+    def _describe_non_finite(self, fn: Callable[..., Any], message: str) -> str:
+        """NaN or infinities in the output: let ``diagnose`` say where (``Checker`` asks it only for finite
+        differences)."""
+        for case, fresh in zip(self.cases(), self.cases()):
+            if f"'{case.description}'" not in message:
+                continue
+            got, want = self._norm(fn(**case.kwargs)), self._norm(self.reference(**fresh.kwargs))
+            specific = self.diagnose(got, want, fresh.kwargs)
             if specific:
                 return str(self._fail(case, specific))
         return message
