@@ -8,6 +8,8 @@ module             holds
 ``threads``        whole experts per CPU core (an analogy of expert parallelism, notebook 11)
 ``balancing``      MaxVio, the auxiliary-loss-free bias, V2's and V3's auxiliary losses
 ``layer``          :class:`DeepSeekMoE`, the finished layer
+``training``       the bookkeeping of notebook 13's balancing sweep (train, evaluate, summarise)
+``diagrams``       the track's pictures (fine-grained and shared experts, the dispatch permutation, gates)
 ``hf``             conversions to and from ``transformers`` (gathered in :mod:`helpers.hf`)
 ``checks``         the exercise checkers of notebooks 10-13
 ``bench``          the benchmark behind ``python -m helpers.bench moe``
@@ -43,4 +45,4 @@ from helpers.moe.threads import expert_parallel, split_experts
 __all__ = ["SwiGLU", "DeepSeekMoE", "RoutingStats", "route", "affinity", "select_experts", "gating_weights",
            "default_group_score", "router_dtype", "validate_routing", "SCORING_FUNCS", "GROUP_SCORES",
            "dispatch", "sort_by_expert", "SortedDispatch", "sum_parts", "expert_parallel", "split_experts",
-           "expert_load", "max_violation", "update_bias", "expert_level_aux_loss", "sequence_wise_aux_loss"]
+           "expert_load", "max_violation", "update_bias", "normalized_scores", "expert_level_aux_loss", "sequence_wise_aux_loss"]
