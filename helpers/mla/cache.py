@@ -3,7 +3,8 @@
 ``GrowingBuffer`` appends along one axis with amortised O(1) copies; ``KVCache`` holds keys and
 values per key/value head (``2 n_g d_h`` elements per token); ``LatentCache`` holds only the latent
 ``c^{KV}`` and the shared RoPE key ``k^R`` (``d_c + d_h^R`` elements per token, V2 paper §2.1.3).
-``causal_mask`` is the mask of queries that start at a cache offset.
+``causal_mask`` is the mask of queries that start at a cache offset (drawn by
+:func:`helpers.mla.diagrams.draw_causal_mask` in notebook 20).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Two ways to compute the same attention from that cache:
   "we can absorb W^{UK} into W^{UQ}, and W^{UV} into W^O").
 
 Parameter names follow DeepSeek's official ``inference/model.py``: ``wq`` (or ``wq_a``, ``q_norm``, ``wq_b``
-with query compression), ``wkv_a``, ``kv_norm``, ``wkv_b``, ``wo``. ``helpers.mla_hf`` maps them to and
+with query compression), ``wkv_a``, ``kv_norm``, ``wkv_b``, ``wo``. ``helpers.mla.hf`` maps them to and
 from the ``transformers`` names.
 
 RoPE layout: with ``rope_interleave=True`` (DeepSeek's checkpoints) the rotated pairs are
@@ -47,7 +47,8 @@ class MultiHeadLatentAttention(nn.Module):
     - latent and RoPE key (eq. 9, 14): ``[c^{KV}_t; k^R_t] = [W^{DKV}; W^{KR}] h_t`` (``wkv_a``), ``c^{KV}_t`` is
       normalised by ``kv_norm``, ``k^R_t`` rotated with RoPE; these two are what :class:`LatentCache` holds;
     - keys and values (eq. 10-12, 15-16): ``k^C_{t,i} = W^{UK}_i c^{KV}_t``, ``v^C_{t,i} = W^{UV}_i c^{KV}_t`` (``wkv_b``);
-    - attention and output (eq. 17-19): softmax over ``(q^C . k^C + q^R . k^R) / sqrt(d_h + d_h^R)``, then ``wo``.
+    - attention and output (eq. 17-19): softmax over ``(q^C . k^C + q^R . k^R) / sqrt(d_h + d_h^R)``, then ``wo``
+      (``softmax_scale``; YaRN checkpoints multiply it by ``mscale**2``, see ``rope_theta`` below).
 
     Args:
         hidden_size: ``H``.
@@ -57,7 +58,10 @@ class MultiHeadLatentAttention(nn.Module):
         qk_rope_head_dim: ``d_h^R``, the RoPE width (even).
         v_head_dim: the per-head value width.
         q_lora_rank: ``d_c'``, the query latent width; ``None`` means no query compression (DeepSeek-V2-Lite).
-        rope_theta: RoPE base. Only default RoPE (no YaRN scaling) is implemented.
+        rope_theta: RoPE base. Only default RoPE is implemented: the released DeepSeek-V2/V3 checkpoints use
+            YaRN (``rope_scaling`` type ``yarn``), which also changes the RoPE frequencies and multiplies the
+            softmax scale by ``mscale**2``, ``mscale = 0.1 * mscale_all_dim * ln(factor) + 1`` (as
+            ``transformers``' ``DeepseekV3Attention`` does; notebook 22).
         rope_interleave: pair layout for RoPE, see :func:`apply_rope`.
         rms_norm_eps: epsilon of ``q_norm`` and ``kv_norm``.
         absorb: default computation for :meth:`forward` (``False``: naive re-expansion; ``True``: absorbed).
