@@ -24,6 +24,7 @@ from helpers.moe.balancing import (
                                    expert_level_aux_loss,
                                    expert_load,
                                    max_violation,
+                                   normalized_scores,
                                    sequence_wise_aux_loss,
                                    update_bias,
 )
