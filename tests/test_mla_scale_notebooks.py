@@ -97,3 +97,12 @@ def test_one_kv_cache_against_context_plot_lives_in_notebook_24():
         code = "\n".join(_sources(name, "code"))
         assert "context length (tokens" not in code or "decode step" in code, name
         assert "KV cache of one sequence" not in code, name
+
+
+def test_an_unknown_wrong_count_is_described_by_its_factor_without_a_cause():
+    def three_times(config, kind, tokens, dtype, n_groups):
+        return 3 * sequence_cache_bytes(config, kind, tokens, dtype, n_groups)
+
+    with pytest.raises(CheckFailure, match="yours is 3 times the expected count") as failure:
+        check_sequence_cache_bytes(three_times)
+    assert not any(m.message in str(failure.value) for m in check_sequence_cache_bytes.mistakes)

@@ -14,6 +14,7 @@ The known mistakes are one-step deviations from :func:`_bytes_with`, a reference
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import DeepseekV3Config
@@ -42,8 +43,8 @@ def _cases() -> list[Case]:
     # Within a case every size differs (n_h, d_h, d_h^R, d_c, layers, tokens, n_groups), so mistakes give
     # different numbers; the dtypes differ between cases, so do the bytes per element.
     return [
-        Case("MLA, bf16: n_h=6, d_h=10, d_h^R=4, d_c=36, 5 layers, 7 tokens",
-             dict(config=_config(6, 10, 4, 36, 5), kind="MLA", tokens=7, dtype="bf16", n_groups=3)),
+        Case("MLA, bf16: n_h=6, d_h=10, d_h^R=4, d_c=38, 5 layers, 7 tokens",
+             dict(config=_config(6, 10, 4, 38, 5), kind="MLA", tokens=7, dtype="bf16", n_groups=3)),
         Case("MHA, fp32: n_h=5, d_h=12, d_h^R=6, d_c=40, 3 layers, 11 tokens",
              dict(config=_config(5, 12, 6, 40, 3), kind="MHA", tokens=11, dtype="fp32", n_groups=2)),
         Case("GQA with 2 groups, fp8: n_h=8, d_h=6, d_h^R=4, d_c=24, 7 layers, 9 tokens",
@@ -74,7 +75,23 @@ def _with(**switch) -> Callable[..., Any]:
     return lambda **kwargs: _bytes_with(**kwargs, **switch)
 
 
-check_sequence_cache_bytes = Checker(
+@dataclass
+class _CountChecker(Checker):
+    """A Checker that, when no known mistake matches a wrong count, also says by what factor it is off."""
+
+    def explain(self, fn: Callable[..., Any]) -> str | None:
+        message = super().explain(fn)
+        if message is None or "expected" not in message:
+            return message
+        for case, fresh in zip(self.cases(), self.cases()):
+            got, want = fn(**case.kwargs), self.reference(**fresh.kwargs)
+            if isinstance(got, (int, float)) and got != want and f"got {got!r}, expected {want!r}" in message:
+                return message + (f" (yours is {got / want:.4g} times the expected count; compare each factor: "
+                                  "elements per token per layer, layers, tokens, bytes per element)")
+        return message
+
+
+check_sequence_cache_bytes = _CountChecker(
     name="sequence_cache_bytes",
     nudge="per token and per layer first (V2 paper Table 1: which sizes does each kind cache?), then "
           "multiply by what makes it a whole sequence in a whole model, in bytes.",
