@@ -43,7 +43,7 @@ def count_parameters(model: nn.Module, config: PretrainedConfig | None = None) -
     """Count ``model``'s parameters; with ``config``, also those activated per token.
 
     Routed-expert weights are the parameters under a ``.experts.`` module (the fused
-    ``experts.gate_up_proj [E, 2I, H]`` and ``experts.down_proj [E, H, I]`` in ``transformers``); a token
+    ``experts.gate_up_proj (E, 2I, H)`` and ``experts.down_proj (E, H, I)`` in ``transformers``); a token
     uses ``k / E`` of them. Shared experts, attention, norms, embeddings and the output head are
     all activated. Tied weights are counted once.
     """

@@ -14,7 +14,7 @@ from helpers.mla.cache import causal_mask
 
 
 def _softmax_causal(scores: Tensor, start_pos: int) -> Tensor:
-    """Softmax over the last axis of ``scores [B, T, H, S]``; query ``t`` sees keys ``0..start_pos + t``."""
+    """Softmax over the last axis of ``scores (B, T, n_h, S)``; query ``t`` sees keys ``0..start_pos + t``."""
     t, s = scores.shape[1], scores.shape[-1]
     if t > 1 or start_pos + t < s:
         allowed = causal_mask(t, s, start_pos, scores.device)  # (T, S)
@@ -30,21 +30,21 @@ def naive_attention(q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor
     then ``o_{t,i} = sum_j Softmax_j((q^C_{t,i} . k^C_{j,i} + q^R_{t,i} . k^R_j) * scale) v^C_{j,i}`` (eq. 17).
 
     Args:
-        q_nope: ``[B, T, H, d_n]`` content queries ``q^C``; q_rope: ``[B, T, H, d_r]`` rotated queries ``q^R``.
-        c_kv: ``[B, S, d_c]`` cached latents; k_rope: ``[B, S, d_r]`` cached rotated keys ``k^R``.
-        w_uk: ``[H, d_n, d_c]``; w_uv: ``[H, d_v, d_c]`` (views of ``wkv_b.weight``).
+        q_nope: ``(B, T, n_h, d_n)`` content queries ``q^C``; q_rope: ``(B, T, n_h, d_r)`` rotated queries ``q^R``.
+        c_kv: ``(B, S, d_c)`` cached latents; k_rope: ``(B, S, d_r)`` cached rotated keys ``k^R``.
+        w_uk: ``(n_h, d_n, d_c)``; w_uv: ``(n_h, d_v, d_c)`` (views of ``wkv_b.weight``).
         softmax_scale: usually ``1 / sqrt(d_n + d_r)``.
         start_pos: absolute position of the first query; query ``t`` sees keys ``0..start_pos + t``.
 
     Returns:
-        ``o [B, T, H, d_v]``, the per-head outputs before ``W^O``.
+        ``o (B, T, n_h, d_v)``, the per-head outputs before ``W^O``.
     """
-    k_nope = torch.einsum("bsc,hdc->bshd", c_kv, w_uk)  # (B, S, H, d_n): re-expanded every call
-    v = torch.einsum("bsc,hdc->bshd", c_kv, w_uv)  # (B, S, H, d_v)
+    k_nope = torch.einsum("bsc,hdc->bshd", c_kv, w_uk)  # (B, S, n_h, d_n): re-expanded every call
+    v = torch.einsum("bsc,hdc->bshd", c_kv, w_uv)  # (B, S, n_h, d_v)
     scores = (torch.einsum("bthd,bshd->bths", q_nope, k_nope)
-              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, H, S)
-    p = _softmax_causal(scores, start_pos)  # (B, T, H, S)
-    return torch.einsum("bths,bshd->bthd", p, v)  # (B, T, H, d_v)
+              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, n_h, S)
+    p = _softmax_causal(scores, start_pos)  # (B, T, n_h, S)
+    return torch.einsum("bths,bshd->bthd", p, v)  # (B, T, n_h, d_v)
 
 
 def absorbed_attention(q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, w_uk: Tensor, w_uv: Tensor,
@@ -56,9 +56,9 @@ def absorbed_attention(q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Ten
     ``sum_j p_j W^{UV}_i c_j = W^{UV}_i sum_j p_j c_j``: attend over latents, then apply ``W^{UV}_i`` once.
     Arguments and result as in :func:`naive_attention`.
     """
-    q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c): W^{UK} absorbed into the query
+    q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, n_h, d_c): W^{UK} absorbed into the query
     scores = (torch.einsum("bthc,bsc->bths", q_latent, c_kv)
-              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, H, S)
-    p = _softmax_causal(scores, start_pos)  # (B, T, H, S)
-    o_latent = torch.einsum("bths,bsc->bthc", p, c_kv)  # (B, T, H, d_c): attend in latent space
-    return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, d_v): W^{UV} applied once
+              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, n_h, S)
+    p = _softmax_causal(scores, start_pos)  # (B, T, n_h, S)
+    o_latent = torch.einsum("bths,bsc->bthc", p, c_kv)  # (B, T, n_h, d_c): attend in latent space
+    return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, n_h, d_v): W^{UV} applied once

@@ -39,7 +39,7 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads: ``n_g``, key/value heads; ``None`` means ``n_heads`` (MHA), ``1`` is MQA. Must divide ``n_heads``.
         rope_theta: RoPE base; ``None`` (default) uses no positional encoding.
 
-    Parameters: ``wq [n_h d_h, H]``, ``wk``/``wv [n_g d_h, H]``, ``wo [H, n_h d_h]`` (no biases).
+    Parameters: ``wq (n_h d_h, H)``, ``wk``/``wv (n_g d_h, H)``, ``wo (H, n_h d_h)`` (no biases).
     """
 
     def __init__(self, hidden_size: int, n_heads: int, head_dim: int, n_kv_heads: int | None = None,
@@ -61,7 +61,7 @@ class MultiHeadAttention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, hidden_size, bias=False)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Attend causally: ``x [B, T, H] -> [B, T, H]``.
+        """Attend causally: ``x (B, T, H) -> (B, T, H)``.
 
         Without a cache the tokens sit at positions ``0..T-1``; with one, at ``cache.length..`` and their
         keys and values are appended to it.

@@ -91,7 +91,7 @@ class KVCache(GrowingBuffer):
     """One layer's cache of keys and values for every key/value head (MHA/GQA/MQA).
 
     Attributes:
-        k, v: the cached keys and values, ``[B, n_kv_heads, S, d_h]`` (views of preallocated buffers).
+        k, v: the cached keys and values, ``(B, n_kv_heads, S, d_h)`` (views of preallocated buffers).
         length: ``S``, the number of cached tokens.
 
     ``bytes_per_token()`` is ``2 n_kv_heads d_h`` times the bytes per element (V2 paper, Table 1).
@@ -101,7 +101,7 @@ class KVCache(GrowingBuffer):
         super().__init__(axis=2, max_length=max_length)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k, v [B, n_kv_heads, T, d_h]``; return all cached keys and values ``[B, n_kv_heads, S, d_h]``."""
+        """Append ``k, v (B, n_kv_heads, T, d_h)``; return all cached keys and values ``(B, n_kv_heads, S, d_h)``."""
         if k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"k and v must be [B, n_kv_heads, T, d_h], got {tuple(k.shape)} and {tuple(v.shape)}")
         return super().append(k, v)
@@ -116,7 +116,7 @@ class KVCache(GrowingBuffer):
 
 
 def causal_mask(t: int, s: int, start_pos: int, device: torch.device | None = None) -> Tensor:
-    """``[t, s]`` boolean mask, True where query ``i`` (at position ``start_pos + i``) may see key ``j``."""
+    """``(t, s)`` boolean mask, True where query ``i`` (at position ``start_pos + i``) may see key ``j``."""
     rows = torch.arange(start_pos, start_pos + t, device=device)[:, None]  # (t, 1)
     cols = torch.arange(s, device=device)[None, :]  # (1, s)
     return cols <= rows  # (t, s)
@@ -127,8 +127,8 @@ class LatentCache(GrowingBuffer):
     """One MLA layer's cache: only the latent ``c^{KV}`` and the shared RoPE key ``k^R`` (V2 paper, Sec. 2.1.3).
 
     Attributes:
-        c_kv: ``[B, S, kv_lora_rank]``, the normalised latent (views of preallocated buffers).
-        k_rope: ``[B, S, qk_rope_head_dim]``, the RoPE key after rotation.
+        c_kv: ``(B, S, kv_lora_rank)``, the normalised latent (views of preallocated buffers).
+        k_rope: ``(B, S, qk_rope_head_dim)``, the RoPE key after rotation.
         length: ``S``, the number of cached tokens.
 
     ``bytes_per_token()`` is ``(d_c + d_h^R)`` times the bytes per element (V2 paper, Table 1).
@@ -138,7 +138,7 @@ class LatentCache(GrowingBuffer):
         super().__init__(axis=1, max_length=max_length)
 
     def append(self, c_kv: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``c_kv [B, T, d_c]`` and ``k_rope [B, T, d_h^R]``; return everything cached."""
+        """Append ``c_kv (B, T, d_c)`` and ``k_rope (B, T, d_h^R)``; return everything cached."""
         if c_kv.dim() != 3 or k_rope.dim() != 3:
             raise ValueError(f"c_kv and k_rope must be [B, T, width], got {tuple(c_kv.shape)} and {tuple(k_rope.shape)}")
         return super().append(c_kv, k_rope)

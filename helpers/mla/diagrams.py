@@ -141,7 +141,7 @@ def plot_singular_values(spectra: dict[str, Tensor], d_c: int, *, ax: plt.Axes |
     """Plot each spectrum (singular values, largest first) normalised by its largest value, on a log scale.
 
     Args:
-        spectra: name -> 1-D tensor of singular values (e.g. ``torch.linalg.svdvals`` of a ``[tokens, n_h d_h]``
+        spectra: name -> 1-D tensor of singular values (e.g. ``torch.linalg.svdvals`` of a ``(tokens, n_h d_h)``
             matrix of keys).
         d_c: the latent width ``kv_lora_rank``, drawn as a vertical line: an MLA spectrum cannot have more
             than ``d_c`` non-zero values.

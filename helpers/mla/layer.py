@@ -105,19 +105,19 @@ class MultiHeadLatentAttention(nn.Module):
                 f"v_head_dim={self.v_head_dim}, rope_interleave={self.rope_interleave}, absorb={self.absorb}")
 
     def up_projections(self) -> tuple[Tensor, Tensor]:
-        """``w_uk [n_h, d_h, d_c]`` and ``w_uv [n_h, d_v, d_c]``: views of ``wkv_b.weight`` (no copy)."""
+        """``w_uk (n_h, d_h, d_c)`` and ``w_uv (n_h, d_v, d_c)``: views of ``wkv_b.weight`` (no copy)."""
         w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def attention_inputs(self, x: Tensor, cache: LatentCache | None = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-        """Everything attention needs for the new tokens ``x [B, T, H]`` (V2 paper eq. 9-14).
+        """Everything attention needs for the new tokens ``x (B, T, H)`` (V2 paper eq. 9-14).
 
         Appends the new ``c^{KV}`` and ``k^R`` to ``cache`` if one is given.
 
         Returns:
-            ``q_nope [B, T, n_h, d_h]``, ``q_rope [B, T, n_h, d_h^R]`` (rotated), ``c_kv [B, S, d_c]``,
-            ``k_rope [B, S, d_h^R]`` (all cached tokens, or the new ones without a cache), and ``start_pos``,
+            ``q_nope (B, T, n_h, d_h)``, ``q_rope (B, T, n_h, d_h^R)`` (rotated), ``c_kv (B, S, d_c)``,
+            ``k_rope (B, S, d_h^R)`` (all cached tokens, or the new ones without a cache), and ``start_pos``,
             the absolute position of the first new token.
         """
         b, t, _ = x.shape
@@ -138,7 +138,7 @@ class MultiHeadLatentAttention(nn.Module):
         return q_nope, q_rope, c_kv, k_rope, start
 
     def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool | None = None) -> Tensor:
-        """Attend causally: ``x [B, T, H] -> [B, T, H]``.
+        """Attend causally: ``x (B, T, H) -> (B, T, H)``.
 
         Without a cache the tokens sit at positions ``0..T-1``; with one, at ``cache.length..``, and their
         ``c^{KV}`` and ``k^R`` are appended to it. ``absorb=None`` uses ``self.absorb``.

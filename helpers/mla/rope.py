@@ -39,7 +39,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = True) -> 
 
     Broadcasting: ``cos``/``sin`` (``[T, dim/2]`` from :func:`rope_cos_sin`) are broadcast right-aligned
     against the pair axis of ``x``, so the token axis must be the second-to-last dimension of ``x``
-    (``x [..., T, dim]``). For ``x [B, T, heads, dim]`` pass ``cos[:, None]`` and ``sin[:, None]``
+    (``x [..., T, dim]``). For ``x (B, T, heads, dim)`` pass ``cos[:, None]`` and ``sin[:, None]``
     (``[T, 1, dim/2]``).
 
     Args:

@@ -1,7 +1,7 @@
 """Checker of notebook 20's exercise: causal attention at a cache offset, with grouped key/value heads.
 
-``causal_attention(q, k, v, start_pos) -> o``: ``q [B, n_h, T, d_h]`` are the new tokens at absolute
-positions ``start_pos .. start_pos + T - 1``; ``k, v [B, n_kv, S, d_h]`` are all ``S`` tokens so far, with
+``causal_attention(q, k, v, start_pos) -> o``: ``q (B, n_h, T, d_h)`` are the new tokens at absolute
+positions ``start_pos .. start_pos + T - 1``; ``k, v (B, n_kv, S, d_h)`` are all ``S`` tokens so far, with
 ``n_kv`` dividing ``n_h`` and query head ``i`` reading key/value head ``i // (n_h / n_kv)`` (GQA; ``n_kv =
 n_h`` is MHA). DeepSeek-V2 eq. 1-8 and :class:`helpers.mla.MultiHeadAttention`.
 

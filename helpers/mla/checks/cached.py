@@ -110,7 +110,7 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 
 def _rows_differ(got: Tensor, want: Tensor) -> list[int]:
-    """Token positions (axis 1 of ``[B, S, width]``) where two cached tensors differ."""
+    """Token positions (axis 1 of ``(B, S, width)``) where two cached tensors differ."""
     bad = ~torch.isclose(got.double(), want.double(), atol=ATOL, rtol=RTOL)
     return bad.any(dim=2).any(dim=0).nonzero().flatten().tolist()
 
@@ -141,7 +141,7 @@ class _Evidence:
         self.k_rope = _rotate(ref, self.k_raw, torch.arange(t), heads=False)
 
     def output(self, p: int, *, q_position: int | None = None, keys: list[int] | None = None) -> Tensor:
-        """Output ``[B, H]`` of the token at position ``p``, its query rotated at ``q_position`` (default ``p``),
+        """Output ``(B, H)`` of the token at position ``p``, its query rotated at ``q_position`` (default ``p``),
         attending over the cached tokens ``keys`` (default ``0..p``)."""
         ref = self.ref
         keys = list(range(p + 1)) if keys is None else keys
@@ -160,7 +160,7 @@ class _Evidence:
         return None
 
     def explain_step(self, got: Tensor, p: int) -> str | None:
-        """Which simple alternative reproduces the wrong output ``got [B, H]`` of the token at position ``p``."""
+        """Which simple alternative reproduces the wrong output ``got (B, H)`` of the token at position ``p``."""
         for m in range(p):
             if _close(got, self.output(p, keys=list(range(m + 1)))):
                 return (f"it equals attention over keys 0..{m} only, where the token at position {p} should see "

@@ -37,7 +37,7 @@ def _split_rope_cases() -> list[Case]:
 
 def reference_split_and_rope(q: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor, qk_nope_head_dim: int,
                              interleave: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """``q [B, T, n_h, d_h + d_h^R]`` -> ``q_nope``, rotated ``q_rope``, and rotated shared ``k_rope [B, T, d_h^R]``.
+    """``q (B, T, n_h, d_h + d_h^R)`` -> ``q_nope``, rotated ``q_rope``, and rotated shared ``k_rope (B, T, d_h^R)``.
 
     The split and rotation of :class:`helpers.mla.MultiHeadLatentAttention` (V2 paper eq. 14-16), with
     :func:`helpers.mla.apply_rope`.
