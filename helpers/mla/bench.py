@@ -15,7 +15,7 @@ Options: ``--contexts 1024 2048 ...``, ``--repeats N`` (halved from 8k on, at le
 min..max ranges, the attention sizes, the thread count and the versions, read back by :func:`load_saved` and
 drawn by :func:`plot_decode` (notebook 23 plots ``notebooks/results/bench_mla.json``). The full run::
 
-    python -m helpers.bench mla --threads 2 --save notebooks/results/bench_mla.json
+    python -m helpers.bench mla --threads 2 --repeats 10 --save notebooks/results/bench_mla.json
 """
 
 from __future__ import annotations
