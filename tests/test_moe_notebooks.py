@@ -1,4 +1,6 @@
-"""What notebooks 10, 12 and 13 build step by step equals ``helpers.moe`` and ``transformers``."""
+"""What notebooks 10 and 12 build step by step equals ``helpers.moe`` and ``transformers``; notebooks 10-12
+keep nudges (not answers) in their exercises, answer keys for their open questions, and pictures drawn
+from what they compute."""
 
 import math
 
@@ -7,7 +9,7 @@ import torch
 from nbload import load_notebook
 
 from helpers import moe
-from helpers.configs import deepseek_v3, mixtral_8x7b, tiny_config
+from helpers.configs import deepseek_v2, deepseek_v2_lite, deepseek_v3, mixtral_8x7b, tiny_config
 from helpers.hf import moe_from_hf
 from helpers.moe import checks as moe_checks
 
@@ -141,3 +143,79 @@ def test_nb12_layer_equals_helpers_and_transformers(nb12):
 
 
 
+
+
+# ------------------------------------------------------------------- notebooks 10-12: text and pictures
+
+MOE_CORE = ("10_moe_from_dense_to_experts.ipynb", "11_moe_efficient_dispatch.ipynb",
+            "12_deepseekmoe_fine_grained_shared_routing.ipynb")
+
+
+def _cells(name):
+    import nbformat
+    from nbload import NOTEBOOKS
+
+    return nbformat.read(NOTEBOOKS / name, as_version=4).cells
+
+
+@pytest.mark.parametrize("name", MOE_CORE)
+def test_exercise_hints_are_nudges_and_open_questions_have_answers(name):
+    cells = _cells(name)
+    for cell in cells:
+        if cell.cell_type != "code" or "# BEGIN SOLUTION" not in cell.source:
+            continue
+        region = cell.source.split("# BEGIN SOLUTION")[1].split("# END SOLUTION")[0].splitlines()
+        hints = [line.strip() for line in region if line.strip().startswith("# HINT:")]
+        solution = [line.split("#")[0].strip() for line in region if line.strip() and not line.strip().startswith("#")]
+        assert hints, "every exercise keeps a first nudge"
+        for hint in hints:
+            assert " = " not in hint and not any(code[:20] in hint for code in solution if len(code) > 12), hint
+        assert any("show_hint()" in h for h in hints), "the nudge says where the full hint is"
+    markdown = [c.source for c in cells if c.cell_type == "markdown"]
+    asks = sum(("**Predict**" in m) + m.count("Why") + m.count("why?") for m in markdown)
+    answers = sum(m.count("<!-- BEGIN ANSWER -->") for m in markdown)
+    assert answers >= 2 and asks >= 1
+    assert all(m.count("<!-- BEGIN ANSWER -->") == m.count("<!-- END ANSWER -->") for m in markdown)
+
+
+def test_notebook_prose_states_the_facts_of_the_released_configs():
+    text = {name: "\n".join(c.source for c in _cells(name) if c.cell_type == "markdown") for name in MOE_CORE}
+    assert "analogy" in text[MOE_CORE[1]] and "all-to-all" in text[MOE_CORE[1]]
+    assert "Optional: the speed story" in text[MOE_CORE[1]]
+    assert "Counting matrix products is not counting FLOPs" in text[MOE_CORE[1]]
+    assert "released configs" in text[MOE_CORE[2]] and "DeepSeekMoE (eq. 4) and DeepSeek-V2 keep" in text[MOE_CORE[0]]
+    v2, v2_lite, v3 = deepseek_v2(), deepseek_v2_lite(), deepseek_v3()
+    assert (v2.routed_scaling_factor, v2.norm_topk_prob) == (16.0, False)
+    assert (v2_lite.routed_scaling_factor, v2_lite.norm_topk_prob) == (1.0, False)
+    assert (v3.routed_scaling_factor, v3.norm_topk_prob) == (2.5, True)
+
+
+def test_moe_diagrams_draw_what_the_notebooks_compute():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from helpers.moe import diagrams
+
+    indices = torch.tensor([[0, 2], [2, 3], [3, 0], [2, 0], [0, 3], [3, 2]])
+    ax = diagrams.draw_sorted_dispatch(indices, 4)
+    texts = [t.get_text() for t in ax.texts]
+    order, token, bounds = moe.sort_by_expert(indices, 4)
+    sorted_boxes = [t for t in texts if t.startswith("p") and ": x[" in t]
+    assert sorted_boxes == [f"p{p}: x[{t}]" for p, t in zip(order.tolist(), token.tolist())]
+    assert "expert 0: 4 rows" in texts and "no rows: expert 1" in ax.get_xticklabels()[2].get_text()
+    assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+
+    weights, idx = moe.route(torch.randn(5, 8), scoring_func="softmax", top_k=3, norm_topk_prob=True)
+    gates = diagrams.gates_from_routing(weights, idx, 8)
+    assert gates.shape == (5, 8) and ((gates != 0).sum(-1) == 3).all()
+    torch.testing.assert_close(gates.gather(1, idx), weights)
+    fig = diagrams.draw_gating_matrix(torch.rand(5, 8), gates, n_group=2, kept_groups=torch.eye(5, 2, dtype=torch.bool))
+    assert all(a.get_title() for a in fig.axes[:2])
+
+    ax = diagrams.draw_expert_layouts(64, 256, 16, 2, 4, 1)
+    labels = [t.get_text() for t in ax.texts]
+    assert labels[0] == "activated 98,304 of 98,304 params"
+    assert labels[1] == labels[2] == "activated 98,304 of 786,432 params"  # same activated and total
+    plt.close("all")

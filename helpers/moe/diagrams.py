@@ -142,21 +142,20 @@ def draw_gating_matrix(scores: Tensor, gates: Tensor, *, score_name: str = "s (s
     """Two heatmaps over (token, expert): the affinities ``scores`` and the gating matrix ``gates``.
 
     ``gates`` is zero off each token's top-k; zeros are drawn white, so the k chosen experts of every
-    row stand out. With ``n_group > 1`` thin lines separate the groups, and ``kept_groups`` (T, G)
-    boolean outlines each token's kept groups on the scores.
+    row stand out. With ``n_group > 1`` lines separate the groups, and ``kept_groups`` (T, G)
+    boolean fades, on the scores, the groups each token may not use.
 
     Returns:
         The Figure with both panels and their colour bars.
     """
     scores, gates = scores.detach().float(), gates.detach().float()
     n_tokens, n_experts = scores.shape
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.32 * n_tokens + 2.0))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(3.2, 0.4 * n_tokens + 1.6)))
     panels = ((left, scores, f"affinities {score_name}", "viridis", score_name),
               (right, gates, f"gating matrix G: {gate_name}, zero off the top-k", "Oranges", gate_name))
     for ax, values, title, cmap_name, label in panels:
         axes(title, "expert i (index)", "token t (index)", ax=ax)
-        cmap = plt.get_cmap(cmap_name).copy()
-        cmap.set_bad("white")
+        cmap = plt.get_cmap(cmap_name).with_extremes(bad="white")
         shown = np.ma.masked_equal(values.numpy(), 0.0) if values is gates else values.numpy()
         image = ax.imshow(shown, cmap=cmap, aspect="auto", interpolation="nearest")
         fig.colorbar(image, ax=ax, label=label, fraction=0.046, pad=0.03)
@@ -166,10 +165,10 @@ def draw_gating_matrix(scores: Tensor, gates: Tensor, *, score_name: str = "s (s
         ax.grid(False)
         for g in range(1, n_group):
             ax.axvline(g * n_experts / n_group - 0.5, color="black", lw=1.2)
-    if kept_groups is not None:
+    if kept_groups is not None:  # fade the groups a token may not use
         size = n_experts // n_group
-        for t, g in kept_groups.nonzero().tolist():
-            left.add_patch(Rectangle((g * size - 0.5, t - 0.5), size, 1, fill=False, edgecolor="white", lw=1.6))
+        for t, g in (~kept_groups).nonzero().tolist():
+            left.add_patch(Rectangle((g * size - 0.5, t - 0.5), size, 1, facecolor="white", alpha=0.7, lw=0))
     for t, e in (gates != 0).nonzero().tolist():
         right.text(e, t, f"{gates[t, e]:.2f}", ha="center", va="center", fontsize=6.5)
     if suptitle:
