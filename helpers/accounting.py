@@ -63,6 +63,10 @@ def kv_cache_elements(kind: str, *, n_heads: int = 0, head_dim: int = 0, n_kv_he
                       kv_lora_rank: int = 0, qk_rope_head_dim: int = 0) -> int:
     """Elements cached per token per layer (DeepSeek-V2 paper, Table 1).
 
+    ``head_dim`` is Table 1's ``d_h``: for a "same-size" MHA or GQA variant of a DeepSeek model, its
+    ``qk_nope_head_dim`` (128 for V2/V3). Multiply by layers, tokens and bytes per element with
+    :func:`kv_cache_bytes` (notebook 24's exercise writes the whole computation from a config).
+
     - ``"MHA"``: keys and values for every head, ``2 n_h d_h``;
     - ``"GQA"``: for ``n_kv_heads`` groups, ``2 n_g d_h``;
     - ``"MQA"``: one shared head, ``2 d_h``;
@@ -95,7 +99,11 @@ def kv_cache_elements_of(config: PretrainedConfig) -> int:
 
 
 def kv_cache_bytes(elements_per_token_layer: int, *, n_layers: int, tokens: int = 1, dtype: str = "bf16") -> int:
-    """Total cache bytes for ``tokens`` tokens over ``n_layers`` layers at ``dtype``."""
+    """Total cache bytes for ``tokens`` tokens over ``n_layers`` layers at ``dtype`` (a key of :data:`BYTES_PER_ELEMENT`).
+
+    Example: DeepSeek-V3's MLA cache of one 128K-token sequence in bf16,
+    ``kv_cache_bytes(576, n_layers=61, tokens=131072, dtype="bf16")`` = 9,210,691,584 bytes (8.58 GiB).
+    """
     if dtype not in BYTES_PER_ELEMENT:
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_ELEMENT)}, got {dtype!r}")
     require_positive(elements_per_token_layer=elements_per_token_layer, n_layers=n_layers, tokens=tokens)
