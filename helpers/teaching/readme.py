@@ -57,7 +57,8 @@ def mla_block(saved: dict[str, Any]) -> str:
     lines = [f"Attention of hidden {att['hidden_size']}, {att['n_heads']} heads, d_c = {att['kv_lora_rank']}, "
              f"d_h = {att['qk_nope_head_dim']}, d_h^R = {att['qk_rope_head_dim']} (GQA with {saved['gqa_kv_heads']} "
              f"key/value heads), batch {saved['batch']}, {saved['dtype']}; {saved['environment']}; medians of "
-             f"{saved['repeats']} interleaved rounds after {saved['warmup']} warm-up. Milliseconds per decode step "
+             f"{saved['repeats']} interleaved rounds ({max(3, saved['repeats'] // 2)} from 8k tokens on) after "
+             f"{saved['warmup']} warm-up. Milliseconds per decode step "
              "(one new token against a cache of `context` tokens):", "",
              "| context | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for context in saved["contexts"]:
