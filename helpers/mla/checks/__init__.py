@@ -13,7 +13,9 @@ when no known mistake matches, it says what differs (which heads, positions, NaN
 - :data:`check_cached_mla` -- a whole MLA layer class: prefill, then token-by-token decode with a
   :class:`helpers.mla.LatentCache`, against the full pass without a cache (notebook 22);
 - :data:`check_absorbed_attention` -- ``absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv,
-  softmax_scale, start_pos) -> o`` (notebook 23; V2 paper Sec. 2.1.2, eq. 17).
+  softmax_scale, start_pos) -> o`` (notebook 23; V2 paper Sec. 2.1.2, eq. 17);
+- :data:`check_sequence_cache_bytes` -- ``sequence_cache_bytes(config, kind, tokens, dtype, n_groups)``,
+  the KV cache of one sequence from a model config (notebook 24).
 
 Each known mistake is a small function (or, for the layer, a class) that makes that mistake on purpose;
 ``checker.audit()`` runs them all, and the tests prove each gets its own message.
@@ -24,6 +26,7 @@ from helpers.mla.checks.attention import check_causal_attention
 from helpers.mla.checks.cached import check_cached_mla
 from helpers.mla.checks.compression import check_compress_expand
 from helpers.mla.checks.rope import check_split_rope
+from helpers.mla.checks.scale import check_sequence_cache_bytes
 
 __all__ = ["check_causal_attention", "check_compress_expand", "check_split_rope", "check_cached_mla",
-           "check_absorbed_attention"]
+           "check_absorbed_attention", "check_sequence_cache_bytes"]
