@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, MixtralConfig
+from transformers import DeepseekV2Config, DeepseekV3Config, DeepseekV32Config, LlamaConfig, MixtralConfig
 
 from helpers.utils import require_positive, validate_routing
 
@@ -25,26 +25,34 @@ TINY_V3 = dict(
 )
 
 
-def tiny_config(version: str = "v3", **overrides: Any) -> DeepseekV3Config | DeepseekV2Config:
+# DeepSeek-V3.2's lightning indexer on top of TINY_V3 (V3.2 always interleaves the main RoPE: no field for it).
+TINY_V32_INDEXER = dict(index_topk=5, index_n_heads=4, index_head_dim=12)
+
+
+def tiny_config(version: str = "v3", **overrides: Any) -> DeepseekV3Config | DeepseekV2Config | DeepseekV32Config:
     """A tiny DeepSeek config that is safe on a CPU: eager attention, eager experts, no hub.
 
     Args:
-        version: ``"v3"`` (``DeepseekV3Config``, sigmoid routing) or ``"v2"`` (``DeepseekV2Config``,
-            softmax routing with ``topk_method``).
+        version: ``"v3"`` (``DeepseekV3Config``, sigmoid routing), ``"v2"`` (``DeepseekV2Config``,
+            softmax routing with ``topk_method``) or ``"v32"`` (``DeepseekV32Config``: V3 plus the
+            sparse-attention indexer, :data:`TINY_V32_INDEXER`).
         **overrides: any config field, e.g. ``q_lora_rank=None`` or ``n_group=1``.
 
     ``num_key_value_heads`` always equals ``num_attention_heads`` (MLA has no KV-head grouping).
     """
-    if version not in ("v2", "v3"):
-        raise ValueError(f"version must be 'v2' or 'v3', got {version!r}")
+    if version not in ("v2", "v3", "v32"):
+        raise ValueError(f"version must be 'v2', 'v3' or 'v32', got {version!r}")
     fields = dict(TINY_V3)
     if version == "v2":
         fields.pop("rope_interleave")
         fields.update(topk_method="group_limited_greedy", routed_scaling_factor=1.0, norm_topk_prob=False)
+    if version == "v32":
+        fields.pop("rope_interleave")
+        fields.update(TINY_V32_INDEXER)
     fields.update(overrides)
     fields["num_key_value_heads"] = fields["num_attention_heads"]
     validate_deepseek_fields(fields)
-    cls = DeepseekV3Config if version == "v3" else DeepseekV2Config
+    cls = {"v3": DeepseekV3Config, "v2": DeepseekV2Config, "v32": DeepseekV32Config}[version]
     return cls(**fields, attn_implementation="eager", experts_implementation="eager")
 
 

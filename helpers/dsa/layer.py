@@ -1,0 +1,110 @@
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2): MLA whose queries each attend over their top-k tokens.
+
+:class:`SparseLatentAttention` extends :class:`helpers.mla.MultiHeadLatentAttention` (same parameters, same
+latent cache, same absorbed attention) with a :class:`~helpers.dsa.indexer.LightningIndexer`. For every new
+token the indexer scores all cached tokens, the ``index_topk`` best are kept, and absorbed MLA runs over
+those only (:func:`~helpers.dsa.attention.sparse_absorbed_attention`). The selection is not differentiable
+and, as in ``transformers``, is computed under ``torch.no_grad()``: the main loss never trains the indexer
+(the V3.2 report trains it with its own KL loss; :func:`helpers.dsa.warmup.indexer_kl_loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from helpers.dsa.attention import sparse_absorbed_attention
+from helpers.dsa.indexer import IndexerKeyCache, LightningIndexer, select_topk
+from helpers.mla import LatentCache, MultiHeadLatentAttention, absorbed_attention
+from helpers.utils import require_positive
+
+
+class SparseLatentCache(LatentCache):
+    """MLA's latent cache (``c^{KV}``, ``k^R``) with the indexer's key cache beside it (``.indexer``).
+
+    Per token and layer it holds ``d_c + d_h^R`` latent elements plus ``index_head_dim`` indexer elements.
+    """
+
+    def __init__(self, max_length: int | None = None) -> None:
+        super().__init__(max_length=max_length)
+        self.indexer = IndexerKeyCache(max_length=max_length)
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from ``length`` on, in both caches (a benchmark re-decodes the same step)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length must be in 0..{self.length}, got {length}")
+        self.length = self.indexer.length = length
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.indexer.nbytes()
+
+
+class SparseLatentAttention(MultiHeadLatentAttention):
+    """MLA plus the lightning indexer and top-k sparse attention (DeepSeek-V3.2's ``DeepseekV32Attention``).
+
+    Args:
+        index_topk: ``k``, tokens each query attends to (2048 in V3.2).
+        index_n_heads: ``n_I``, indexer query heads (64 in V3.2).
+        index_head_dim: ``d_I``, indexer head width (128 in V3.2), at least ``qk_rope_head_dim``.
+        q_lora_rank: required: the indexer reads the compressed query ``c^Q``.
+        everything else: as :class:`~helpers.mla.MultiHeadLatentAttention` (V3.2 rotates the main attention's
+            RoPE in interleaved pairs, ``rope_interleave=True``).
+
+    Call it like the MLA layer: ``layer(x, cache)`` with ``x (B, T, H)`` and an optional
+    :class:`SparseLatentCache` continued from its length; ``sparse=False`` attends densely (same caches).
+    """
+
+    def __init__(self, hidden_size: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
+                 qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None, index_topk: int,
+                 index_n_heads: int, index_head_dim: int, rope_theta: float = 10000.0,
+                 rope_interleave: bool = True, rms_norm_eps: float = 1e-6) -> None:
+        if q_lora_rank is None:
+            raise ValueError("q_lora_rank is None, but the lightning indexer reads the compressed query c^Q: "
+                             "give q_lora_rank (1536 in DeepSeek-V3.2)")
+        require_positive(index_topk=index_topk, index_n_heads=index_n_heads, index_head_dim=index_head_dim)
+        super().__init__(hidden_size, n_heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
+                         q_lora_rank=q_lora_rank, rope_theta=rope_theta, rope_interleave=rope_interleave,
+                         rms_norm_eps=rms_norm_eps, absorb=True)
+        self.index_topk = index_topk
+        self.indexer = LightningIndexer(hidden_size, q_lora_rank, index_n_heads, index_head_dim,
+                                        qk_rope_head_dim, rope_theta)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", index_topk={self.index_topk}"
+
+    def select(self, x: Tensor, cache: SparseLatentCache | None = None) -> tuple[Tensor, Tensor]:
+        """The indexer's top-k for the new tokens ``x (B, T, H)``: ``indices, valid`` (both ``(B, T, k)``).
+
+        Appends the new indexer keys to ``cache.indexer``. Runs without gradients, as in ``transformers``.
+        """
+        with torch.no_grad():
+            q_latent = self.q_norm(self.wq_a(x))  # (B, T, q_lora_rank): the c^Q the main query is built from
+            scores, start = self.indexer(x, q_latent, cache.indexer if cache is not None else None)  # (B, T, S)
+            return select_topk(scores, start, self.index_topk)
+
+    def forward(self, x: Tensor, cache: SparseLatentCache | None = None, sparse: bool = True,
+                return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Attend causally over each query's top-k tokens: ``x (B, T, H) -> (B, T, H)``.
+
+        Args:
+            x: the new tokens, at positions ``cache.length ..`` (or ``0 ..`` without a cache).
+            cache: a :class:`SparseLatentCache` (a plain ``LatentCache`` has no room for the indexer keys).
+            sparse: ``False`` attends over every visible token (dense absorbed MLA) for comparison.
+            return_indices: also return the selection ``indices, valid``.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [batch, tokens, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        if cache is not None and not isinstance(cache, SparseLatentCache):
+            raise ValueError(f"cache must be a SparseLatentCache (latent + indexer keys), got {type(cache).__name__}")
+        if cache is not None and cache.indexer.length != cache.length:
+            raise ValueError(f"cache is inconsistent: {cache.length} latents but {cache.indexer.length} indexer keys")
+        b, t, _ = x.shape
+        indices, valid = self.select(x, cache)  # (B, T, k) each
+        q_nope, q_rope, c_kv, k_rope, start = self.attention_inputs(x, cache)  # MLA's own projections and cache
+        w_uk, w_uv = self.up_projections()
+        if sparse:
+            o = sparse_absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, self.softmax_scale, indices, valid)
+        else:
+            o = absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, self.softmax_scale, start)
+        out = self.wo(o.reshape(b, t, self.n_heads * self.v_head_dim))  # (B, T, H)
+        return (out, indices, valid) if return_indices else out

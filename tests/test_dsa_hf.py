@@ -1,0 +1,151 @@
+"""Our sparse MLA layer equals transformers' DeepseekV32Attention (fp32, atol 1e-5), and the selections agree.
+
+transformers is driven as DeepseekV32Model drives it: a DynamicCache (which holds the indexer keys), the
+model's rotary embedding at position ids continuing from the cache length, and create_causal_mask with
+allow_is_causal_skip=False. Its indexer's top-k indices are captured with a forward hook.
+
+Selected sets are compared as sets, restricted to visible (causal) tokens: when a query sees fewer than k
+tokens, transformers' top-k also returns masked future positions (score ~ -3.4e38, order among them
+arbitrary), which its attention mask removes again; ours marks them invalid. Ties at the k-th score would
+make either set a valid answer; the test asserts there is no such tie, so the sets must be equal.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.models.deepseek_v32.modeling_deepseek_v32 import (
+    DeepseekV32Attention,
+    DeepseekV32RotaryEmbedding,
+)
+
+from helpers.configs import tiny_config
+from helpers.dsa import SparseLatentAttention, SparseLatentCache
+from helpers.hf import dsa_from_hf, dsa_to_hf
+from helpers.utils import seed_everything
+
+CONFIGS = {  # k < T everywhere, so the selection matters
+    "default tiny (k=5, 4 indexer heads of 12)": dict(),
+    "k=3, 2 heads, indexer head = rope width": dict(index_topk=3, num_attention_heads=2, index_head_dim=8),
+    "k=6, 8 indexer heads of 24, wide rope, theta 500": dict(index_topk=6, index_n_heads=8, index_head_dim=24,
+                                                           qk_rope_head_dim=12, v_head_dim=8, rope_theta=500.0),
+}
+T, PREFILL = 11, 6
+
+
+def config_for(case):
+    fields = dict(CONFIGS[case])
+    theta = fields.pop("rope_theta", None)
+    config = tiny_config("v32", **fields)
+    if theta is not None:
+        config.rope_parameters["rope_theta"] = theta
+    return config
+
+
+def hf_modules(config):
+    attn = DeepseekV32Attention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            norm = "layernorm" in name or "k_norm" in name
+            p.copy_(torch.randn_like(p) * (0.1 if norm else 0.3) + (1.0 if norm and name.endswith("weight") else 0.0))
+    return attn, DeepseekV32RotaryEmbedding(config)
+
+
+def hf_forward(attn, rotary, config, chunks):
+    """Run chunks through ``attn`` with a DynamicCache; the outputs and the indexer's top-k per chunk."""
+    cache, outs, picks = DynamicCache(config=config), [], []
+    hook = attn.indexer.register_forward_hook(lambda m, args, out: picks.append(out.long()))
+    for x in chunks:
+        past = cache.get_seq_length()
+        position_ids = torch.arange(past, past + x.shape[1])[None]  # (1, T)
+        mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, past_key_values=cache,
+                                  position_ids=position_ids, allow_is_causal_skip=False)
+        out, _ = attn(hidden_states=x, position_embeddings=rotary(x, position_ids), attention_mask=mask,
+                      past_key_values=cache, position_ids=position_ids)
+        outs.append(out)
+    hook.remove()
+    return torch.cat(outs, dim=1), picks
+
+
+def ours_forward(layer, chunks):
+    cache, outs, picks = SparseLatentCache(), [], []
+    for x in chunks:
+        out, idx, valid = layer(x, cache, return_indices=True)
+        outs.append(out)
+        picks.append((idx, valid, cache.length - x.shape[1]))
+    return torch.cat(outs, dim=1), picks
+
+
+def assert_same_selections(ours, theirs):
+    for (idx, valid, start), hf_idx in zip(ours, theirs):
+        b, t, _ = idx.shape
+        for bi in range(b):
+            for ti in range(t):
+                visible = start + ti
+                got = set(idx[bi, ti][valid[bi, ti]].tolist())
+                want = {s for s in hf_idx[bi, ti].tolist() if s <= visible}
+                assert got == want, (bi, start + ti, sorted(got), sorted(want))
+
+
+def selection_has_no_ties(layer, x):
+    """True if no query's k-th best visible score ties with the next one (then the top-k set is unique)."""
+    with torch.no_grad():
+        scores, _ = layer.indexer(x, layer.q_norm(layer.wq_a(x)))  # (B, T, S)
+    t = x.shape[1]
+    visible = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+    s = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True).values
+    k = layer.index_topk
+    kth, nxt = s[..., k - 1], s[..., k]
+    rows = torch.arange(t) >= k  # rows that see more than k tokens
+    return bool(((kth - nxt).abs()[:, rows] > 1e-6).all())
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_prefill_and_decode_equal_transformers(case):
+    seed_everything(0)
+    config = config_for(case)
+    attn, rotary = hf_modules(config)
+    ours = dsa_from_hf(attn)
+    assert isinstance(ours, SparseLatentAttention) and ours.index_topk == config.index_topk
+    x = torch.randn(2, T, config.hidden_size)
+    assert selection_has_no_ties(ours, x)
+    chunks = [x[:, :PREFILL]] + [x[:, t:t + 1] for t in range(PREFILL, T)]
+    with torch.no_grad():
+        for parts in ([x], chunks):
+            want, hf_picks = hf_forward(attn, rotary, config, parts)
+            got, our_picks = ours_forward(ours, parts)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert_same_selections(our_picks, hf_picks)
+        # the selection matters: dense attention gives a different output
+        assert (ours(x, sparse=False) - ours(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_to_hf_round_trip(case):
+    seed_everything(1)
+    config = config_for(case)
+    layer = dsa_from_hf(hf_modules(config)[0])
+    module = dsa_to_hf(layer)
+    assert isinstance(module, DeepseekV32Attention)
+    for (n1, p1), (n2, p2) in zip(sorted(hf_modules(config)[0].state_dict().items()), sorted(module.state_dict().items())):
+        assert n1 == n2 and p1.shape == p2.shape
+    back = dsa_from_hf(module)
+    for (n1, p1), (n2, p2) in zip(layer.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2
+        torch.testing.assert_close(p1, p2, atol=0, rtol=0)
+    x = torch.randn(1, T, config.hidden_size)
+    rotary = DeepseekV32RotaryEmbedding(module.config)
+    with torch.no_grad():
+        want, _ = hf_forward(module, rotary, module.config, [x[:, :PREFILL], x[:, PREFILL:]])
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_conversion_rejects_what_we_do_not_model():
+    with pytest.raises(ValueError, match="DeepseekV32Attention"):
+        dsa_from_hf(torch.nn.Linear(2, 2))
+    config = tiny_config("v32", attention_bias=True)
+    with pytest.raises(ValueError, match="attention_bias"):
+        dsa_from_hf(DeepseekV32Attention(config, 0))
+    layer = dsa_from_hf(hf_modules(tiny_config("v32"))[0])
+    with pytest.raises(ValueError, match="index_topk"):
+        dsa_to_hf(layer, tiny_config("v32", index_topk=7))
