@@ -1,0 +1,19 @@
+"""The assembled model: DeepSeek-V3 in miniature from the MLA and MoE tracks' layers.
+
+=================  ===========================================================================
+module             holds
+=================  ===========================================================================
+``config``         :func:`check_config`: the ``DeepseekV3Config`` fields we implement, errors for others
+``model``          :class:`DeepSeekV3`, :class:`DecoderBlock`, :class:`MTPModule` (V3 §2.2)
+``generate``       prefill + decode over the latent cache; greedy, temperature, top-p; MTP drafts
+``hf``             to and from ``DeepseekV3ForCausalLM``, export to a ``from_pretrained`` directory
+``data``           the corpus (a pinned dependency's source files) and the byte-level BPE tokenizer
+``train``          the training loop and ``python -m helpers.train``
+=================  ===========================================================================
+"""
+
+from helpers.model.config import check_config
+from helpers.model.generate import generate
+from helpers.model.model import DecoderBlock, DeepSeekV3, MTPModule, RMSNorm
+
+__all__ = ["DeepSeekV3", "DecoderBlock", "MTPModule", "RMSNorm", "check_config", "generate"]

@@ -1,0 +1,243 @@
+"""A whole DeepSeek-V3 in miniature, assembled from the two tracks' finished layers.
+
+=====================  =============================================================================
+piece                  what it is (DeepSeek-V3, arXiv 2412.19437)
+=====================  =============================================================================
+``embed``              token embedding ``Emb(t)``, shared with the MTP modules (§2.2)
+``layers[i]``          :class:`DecoderBlock`: pre-norm, MLA (§2.1.1), then a dense SwiGLU for the first
+                       ``first_k_dense_replace`` layers and DeepSeekMoE (§2.1.2) after
+``norm``, ``head``     final RMSNorm and the untied output head ``OutHead``
+``mtp[k-1]``           :class:`MTPModule` ``k`` of ``D`` (§2.2, eq. 21-25), sharing ``embed`` and ``head``
+=====================  =============================================================================
+
+The layers are imported, never copied: :class:`helpers.mla.MultiHeadLatentAttention`,
+:class:`helpers.moe.DeepSeekMoE`, :class:`helpers.layers.SwiGLU`. The model is built from a
+``transformers`` ``DeepseekV3Config`` (same field names); unsupported fields are refused by
+:func:`helpers.model.config.check_config`.
+
+Shapes: ``B`` batch, ``T`` tokens, ``H`` hidden size, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from helpers.layers import SwiGLU
+from helpers.mla import LatentCache, MultiHeadLatentAttention
+from helpers.model.config import check_config
+from helpers.moe import DeepSeekMoE
+
+# The MLA layer's inner norms (q_norm, kv_norm) use DeepSeek's default epsilon, as in ``inference/model.py``
+# and ``transformers`` (``DeepseekV3RMSNorm(q_lora_rank)``); the block norms use ``config.rms_norm_eps``.
+MLA_NORM_EPS = 1e-6
+
+
+def RMSNorm(width: int, eps: float) -> nn.RMSNorm:  # noqa: N802 (reads like the class it returns)
+    """``x / sqrt(mean(x^2) + eps) * weight``: PyTorch's own ``nn.RMSNorm`` (weight initialised to ones)."""
+    return nn.RMSNorm(width, eps=eps)
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm transformer block: ``h = x + MLA(norm(x))``, ``out = h + FFN(norm(h))``.
+
+    Args:
+        config: a ``DeepseekV3Config``.
+        layer_idx: the block's depth; blocks ``< first_k_dense_replace`` get a dense SwiGLU
+            (``intermediate_size``), the others DeepSeekMoE. ``moe=True`` forces DeepSeekMoE (MTP blocks).
+        gamma, seq_aux_loss_alpha: the MoE's balancing settings (training only, not config fields).
+    """
+
+    def __init__(self, config, layer_idx: int, *, moe: bool | None = None, gamma: float = 0.0,
+                 seq_aux_loss_alpha: float = 0.0) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = MultiHeadLatentAttention(
+            hidden_size=config.hidden_size, n_heads=config.num_attention_heads, kv_lora_rank=config.kv_lora_rank,
+            qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
+            v_head_dim=config.v_head_dim, q_lora_rank=config.q_lora_rank,
+            rope_theta=float(config.rope_parameters["rope_theta"]), rope_interleave=bool(config.rope_interleave),
+            rms_norm_eps=MLA_NORM_EPS)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = layer_idx >= config.first_k_dense_replace if moe is None else moe
+        if self.is_moe:
+            self.ffn = DeepSeekMoE(
+                config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
+                config.num_experts_per_tok, n_shared_experts=config.n_shared_experts or 0, scoring_func="sigmoid",
+                n_group=config.n_group or 1, topk_group=config.topk_group or 1,
+                norm_topk_prob=bool(config.norm_topk_prob), routed_scaling_factor=config.routed_scaling_factor,
+                gamma=gamma, seq_aux_loss_alpha=seq_aux_loss_alpha)
+        else:
+            self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool | None = None) -> Tensor:
+        """``x (B, T, H) -> (B, T, H)``; with ``cache``, the tokens continue the cached sequence."""
+        x = x + self.attn(self.attn_norm(x), cache=cache, absorb=absorb)  # (B, T, H)
+        return x + self.ffn(self.ffn_norm(x))  # (B, T, H)
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction module ``k`` (V3 §2.2, eq. 21-22), with DeepSeek's checkpoint names.
+
+    ``h'_i^k = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i^{k-1})]`` (eq. 21; the checkpoints put the
+    embedding half first, the paper writes the hidden half first: the same map with the columns of
+    ``M_k`` swapped), then ``h^k = TRM_k(h'^k)`` (eq. 22), then a final RMSNorm before the shared head
+    (``shared_head.norm`` in DeepSeek's checkpoint). The block is always a DeepSeekMoE block.
+
+    Parameters: ``enorm``, ``hnorm`` (RMSNorms), ``eh_proj`` (``M_k``, ``H x 2H``), ``block``, ``post_norm``.
+    """
+
+    def __init__(self, config, gamma: float = 0.0, seq_aux_loss_alpha: float = 0.0) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.enorm, self.hnorm = RMSNorm(h, config.rms_norm_eps), RMSNorm(h, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)  # M_k
+        self.block = DecoderBlock(config, 0, moe=True, gamma=gamma, seq_aux_loss_alpha=seq_aux_loss_alpha)
+        self.post_norm = RMSNorm(h, config.rms_norm_eps)
+
+    def forward(self, h_prev: Tensor, emb_next: Tensor, cache: LatentCache | None = None,
+                absorb: bool | None = None) -> Tensor:
+        """``h_prev (B, T, H)`` (depth ``k-1``) and ``emb_next (B, T, H)`` (``Emb(t_{i+k})``) -> normed ``h^k (B, T, H)``."""
+        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T, H), eq. 21
+        return self.post_norm(self.block(x, cache=cache, absorb=absorb))  # (B, T, H), eq. 22
+
+
+class DeepSeekV3(nn.Module):
+    """DeepSeek-V3 in miniature: embedding, decoder blocks, final norm, untied head, and ``D`` MTP modules.
+
+    Args:
+        config: a ``transformers`` ``DeepseekV3Config`` (``num_mtp_layers`` gives ``D``).
+        gamma: bias update speed of every MoE layer's auxiliary-loss-free balancing (training).
+        seq_aux_loss_alpha: weight of the sequence-wise balance loss (V3 eq. 17-20); 0 turns it off.
+
+    ``model(input_ids)`` returns the main head's logits ``(B, T, V)``, attending causally from position 0;
+    :meth:`generate` decodes over the latent cache (see :mod:`helpers.model.generate`).
+    """
+
+    def __init__(self, config, *, gamma: float = 0.0, seq_aux_loss_alpha: float = 0.0) -> None:
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderBlock(config, i, gamma=gamma, seq_aux_loss_alpha=seq_aux_loss_alpha)
+                                     for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList([MTPModule(config, gamma, seq_aux_loss_alpha)
+                                  for _ in range(config.num_mtp_layers)])
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Initialise every weight matrix from ``N(0, std^2)`` (``config.initializer_range``, as ``transformers``)."""
+        std = self.config.initializer_range if std is None else std
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, 0.0, std)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+            if isinstance(module, DeepSeekMoE):
+                module.bias.zero_()
+
+    @property
+    def moe_layers(self) -> list[DeepSeekMoE]:
+        """The DeepSeekMoE layers of the main model, in depth order (MTP blocks excluded)."""
+        return [block.ffn for block in self.layers if block.is_moe]
+
+    def check_length(self, n_positions: int) -> None:
+        """``ValueError`` if a sequence would reach past ``config.max_position_embeddings``."""
+        if n_positions > self.config.max_position_embeddings:
+            raise ValueError(f"the sequence needs {n_positions} positions but max_position_embeddings is "
+                             f"{self.config.max_position_embeddings}: shorten the prompt or max_new_tokens")
+
+    def hidden(self, input_ids: Tensor, caches: list[LatentCache] | None = None,
+               absorb: bool | None = None) -> Tensor:
+        """The last block's output ``h (B, T, H)`` before the final norm; with ``caches`` (one per block), continue them."""
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a LongTensor [batch, tokens], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        start = caches[0].length if caches else 0
+        self.check_length(start + input_ids.shape[1])
+        x = self.embed(input_ids)  # (B, T, H)
+        for i, block in enumerate(self.layers):
+            x = block(x, cache=caches[i] if caches else None, absorb=absorb)
+        return x
+
+    def logits(self, h: Tensor) -> Tensor:
+        """``OutHead(RMSNorm(h))``: ``(B, T, H) -> (B, T, V)``."""
+        return self.head(self.norm(h))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """``input_ids (B, T)`` LongTensor -> logits ``(B, T, V)`` of the main head, causal from position 0."""
+        return self.logits(self.hidden(input_ids))
+
+    def mtp_forward(self, input_ids: Tensor, h: Tensor) -> list[Tensor]:
+        """The ``D`` MTP modules over a whole sequence (V3 eq. 21-23), for training.
+
+        Depth ``k`` sees positions ``i = 0..T-1-k`` (``h_i^{k-1}`` with ``Emb(t_{i+k})``) and its logits at ``i``
+        predict ``t_{i+k+1}``.
+
+        Args:
+            input_ids: ``(B, T)``; h: the main model's ``(B, T, H)`` from :meth:`hidden`.
+
+        Returns:
+            ``[(B, T-k, V) for k = 1..D]``.
+        """
+        out, h_prev = [], h
+        for k, module in enumerate(self.mtp, start=1):
+            h_prev = module(h_prev[:, :-1], self.embed(input_ids[:, k:]))  # (B, T-k, H)
+            out.append(self.head(h_prev))  # (B, T-k, V)
+        return out
+
+    def losses(self, input_ids: Tensor, mtp_lambda: float = 0.3) -> dict[str, Tensor]:
+        """Next-token loss, MTP loss (V3 eq. 24-25) and the MoE balance loss on one batch ``(B, T)``.
+
+        Returns:
+            ``{"main", "mtp", "balance", "total"}``: ``total = main + lambda / D * sum_k L_MTP^k + balance``.
+        """
+        h = self.hidden(input_ids)  # (B, T, H)
+        logits = self.logits(h)  # (B, T, V)
+        main = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+        mtp = h.new_zeros(())
+        for k, lk in enumerate(self.mtp_forward(input_ids, h) if mtp_lambda else [], start=1):
+            mtp = mtp + F.cross_entropy(lk[:, :-1].flatten(0, 1), input_ids[:, k + 1:].flatten())  # eq. 24
+        if len(self.mtp) and mtp_lambda:
+            mtp = mtp / len(self.mtp)
+        balance = h.new_zeros(())
+        for m in self.moe_layers + ([b.block.ffn for b in self.mtp] if mtp_lambda else []):
+            balance = balance + m.aux_loss
+        return {"main": main, "mtp": mtp, "balance": balance, "total": main + mtp_lambda * mtp + balance}  # eq. 25
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Auxiliary-loss-free balancing: every MoE layer that saw training tokens moves its bias (call after step)."""
+        for block in list(self.layers) + [m.block for m in self.mtp]:
+            if block.is_moe and block.ffn.load_since_update.any():
+                block.ffn.update_bias()
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """``(B, T)`` -> ``(B, T + max_new_tokens)``: greedy over the absorbed latent cache by default.
+
+        Keyword arguments are those of :func:`helpers.model.generate.generate` (``temperature``, ``top_p``,
+        ``absorb``, ``use_mtp``, ``generator``).
+        """
+        from helpers.model.generate import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def num_parameters(self, include_mtp: bool = False) -> tuple[int, int]:
+        """``(total, activated per token)``: routed experts count ``K_r / N_r`` of their weights.
+
+        Without ``include_mtp`` this is the count ``helpers.accounting`` gives for ``self.config`` (the
+        ``transformers`` model has no MTP weights).
+        """
+        frac = self.config.num_experts_per_tok / self.config.n_routed_experts
+        total, activated = 0, 0.0
+        for name, p in self.named_parameters():
+            if name.startswith("mtp.") and not include_mtp:
+                continue
+            total += p.numel()
+            routed = name.endswith((".ffn.w_gate_up", ".ffn.w_down"))
+            activated += p.numel() * (frac if routed else 1.0)
+        return total, round(activated)
