@@ -4,7 +4,7 @@ This machine (and a laptop) is noisy, so a benchmark never times one variant in 
 the next: every round runs each variant once, in a rotating order, and the table reports medians.
 Speed is measured here and shown in notebooks; tests never assert it.
 
-Command line: ``python -m helpers.bench moe`` or ``python -m helpers.bench mla``.
+Command line: ``python -m helpers.bench moe``, ``python -m helpers.bench mla`` or ``python -m helpers.bench dsa``.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def benchmark(variants: Mapping[str, Callable[[], Any]], *, baseline: str | None
     return BenchResult(times=times, baseline=baseline, config=dict(config or {}))
 
 
-SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench"}
+SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench", "dsa": "helpers.dsa.bench"}
 
 
 def main(argv: list[str] | None = None) -> None:
