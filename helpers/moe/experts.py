@@ -189,3 +189,26 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
     return _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]
+
+
+def run_experts(rows: Tensor, expert_ids: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                n_workers: int | None = None) -> Tensor:
+    """``FFN_e(row)`` for rows that already carry their expert: the receiving side of expert parallelism.
+
+    Each row is one (token, expert) pair that arrived from some rank; no gating value is applied (the
+    sender weights the results when they come back). It is :func:`dispatch` with ``k = 1`` and every
+    gating value 1, so the same sorted dispatch and hand-written backward run on the received rows.
+
+    Args:
+        rows: (n, H) received token rows.
+        expert_ids: (n,) the (local) expert of each row, in ``[0, w_gate_up.shape[0])``.
+        w_gate_up: (E_local, 2I, H); w_down: (E_local, H, I): the experts this process holds.
+        n_workers: threads, as in :func:`dispatch`.
+
+    Returns:
+        (n, H), row ``j`` is ``FFN_{expert_ids[j]}(rows[j])``.
+    """
+    if expert_ids.shape != rows.shape[:1]:
+        raise ValueError(f"expert_ids {tuple(expert_ids.shape)} must be ({rows.shape[0]},), one expert per row")
+    ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)  # (n, 1) gating values
+    return dispatch(rows, ones, expert_ids[:, None], w_gate_up, w_down, n_workers)

@@ -1,0 +1,49 @@
+"""``python -m helpers.parallel check --nproc N [--set FIELD=INT ...]``: the expert-parallel layer on N
+processes against the single-process layer; ends with one line and exits 1 if a difference exceeds 1e-5.
+
+On one machine it starts the N processes itself. Under ``torchrun`` it joins the group torchrun made
+(``--nproc`` is then ignored), on one machine or several::
+
+    torchrun --standalone --nproc-per-node 4 -m helpers.parallel check
+    # on each of 2 machines (the same command; HOST:29500 reachable from both):
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        --rdzv-id moe-check -m helpers.parallel check
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from helpers.parallel.check import TOLERANCE, compare_worker, parse_sets, summary_line, validate
+from helpers.parallel.launch import init_from_env, launch, under_torchrun
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.parallel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="compare the expert-parallel layer with the single-process layer")
+    check.add_argument("--nproc", type=int, default=2, help="local processes (ignored under torchrun)")
+    check.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                       help="override a config field, e.g. --set n_routed_experts=16 --set n_group=4")
+    check.add_argument("--timeout", type=float, default=120.0, help="seconds before the workers are stopped")
+    args = parser.parse_args(argv)
+    config = parse_sets(args.set)
+    if under_torchrun():
+        import torch.distributed as dist
+        rank, world = init_from_env()
+        validate(config, world)
+        result = compare_worker(rank, world, config)
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0 if max(result["out"], result["grad"]) <= TOLERANCE else 1
+    else:
+        world = args.nproc
+        validate(config, world)
+        result = launch(compare_worker, world, config, timeout=args.timeout)[0]
+    print(summary_line(world, result["out"], result["grad"]))
+    return 0 if max(result["out"], result["grad"]) <= TOLERANCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
