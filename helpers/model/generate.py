@@ -103,7 +103,7 @@ def _speculative(model, input_ids: Tensor, max_new_tokens: int, absorb: bool, te
     tokens = [input_ids, nxt]
     n_new, steps, drafted, accepted = 1, 1, 0, 0
     # MTP inputs pair the main hidden state at i with the token at i + 1.
-    mtp_in_h, mtp_in_tok = h, torch.cat([input_ids[:, 1:], nxt], dim=1)
+    mtp_in_h, mtp_in_tok = model.norm(h), torch.cat([input_ids[:, 1:], nxt], dim=1)
     while n_new < max_new_tokens:
         draft = model.head(mtp(mtp_in_h, model.embed(mtp_in_tok), cache=mtp_cache, absorb=absorb)[:, -1])
         draft = draft.argmax(-1, keepdim=True)  # (1, 1): guess for the token after `nxt`
@@ -115,11 +115,11 @@ def _speculative(model, input_ids: Tensor, max_new_tokens: int, absorb: bool, te
         if choice[0, 0] == draft[0, 0]:  # accepted: two tokens for one step
             accepted += 1
             new = torch.cat([draft, choice[:, 1:]], dim=1)  # (1, 2)
-            mtp_in_h, mtp_in_tok = h2, new
+            mtp_in_h, mtp_in_tok = model.norm(h2), new
         else:  # rejected: keep the main model's token, forget the draft's cache entry
             crop(caches, length + 1)
             new = choice[:, :1]
-            mtp_in_h, mtp_in_tok = h2[:, :1], new
+            mtp_in_h, mtp_in_tok = model.norm(h2[:, :1]), new
         tokens.append(new)
         n_new += new.shape[1]
         nxt = new[:, -1:]

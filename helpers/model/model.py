@@ -177,7 +177,8 @@ class DeepSeekV3(nn.Module):
         """The ``D`` MTP modules over a whole sequence (V3 eq. 21-23), for training.
 
         Depth ``k`` sees positions ``i = 0..T-1-k`` (``h_i^{k-1}`` with ``Emb(t_{i+k})``) and its logits at ``i``
-        predict ``t_{i+k+1}``.
+        predict ``t_{i+k+1}``. ``h_i^0`` is the main model's representation after its final norm, the convention of
+        ``transformers``' and vLLM's MTP decoding, so an exported MTP module drafts the same tokens there.
 
         Args:
             input_ids: ``(B, T)``; h: the main model's ``(B, T, H)`` from :meth:`hidden`.
@@ -185,7 +186,7 @@ class DeepSeekV3(nn.Module):
         Returns:
             ``[(B, T-k, V) for k = 1..D]``.
         """
-        out, h_prev = [], h
+        out, h_prev = [], self.norm(h)  # h^0: the main model's output after its final norm (as vLLM, transformers)
         for k, module in enumerate(self.mtp, start=1):
             h_prev = module(h_prev[:, :-1], self.embed(input_ids[:, k:]))  # (B, T-k, H)
             out.append(self.head(h_prev))  # (B, T-k, V)
