@@ -112,3 +112,29 @@ def dsa_to_hf(layer: SparseLatentAttention, config: DeepseekV32Config | None = N
     _copy(layer, module, NAMES)
     _copy_indexer(layer.indexer, module.indexer)
     return module
+
+
+def hf_attention_forward(module: DeepseekV32Attention, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """Run ``chunks`` (each ``(B, T_i, H)``) through ``module`` one after another, as ``DeepseekV32Model`` does
+    (a ``DynamicCache`` holding latents and indexer keys, the model's rotary embedding, a causal mask created
+    without the is-causal shortcut). Returns the concatenated outputs and the indexer's top-k per chunk
+    (``(B, T_i, k)`` int64; rows with fewer than ``k`` visible tokens are padded with masked future positions)."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32RotaryEmbedding
+
+    config = module.config
+    rotary, cache, outs, picks = DeepseekV32RotaryEmbedding(config), DynamicCache(config=config), [], []
+    hook = module.indexer.register_forward_hook(lambda m, args, out: picks.append(out.long()))
+    try:
+        for x in chunks:
+            past = cache.get_seq_length()
+            position_ids = torch.arange(past, past + x.shape[1])[None]  # (1, T)
+            mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, past_key_values=cache,
+                                      position_ids=position_ids, allow_is_causal_skip=False)
+            out, _ = module(hidden_states=x, position_embeddings=rotary(x, position_ids), attention_mask=mask,
+                            past_key_values=cache, position_ids=position_ids)
+            outs.append(out)
+    finally:
+        hook.remove()
+    return torch.cat(outs, dim=1), picks

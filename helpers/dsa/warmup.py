@@ -1,4 +1,4 @@
-"""The indexer's dense warm-up (DeepSeek-V3.2 report, Sec. 2.1, "dense warm-up stage").
+"""The indexer's dense warm-up (DeepSeek-V3.2-Exp report, "dense warm-up stage" of continued pre-training).
 
 Everything but the indexer is frozen and attention stays dense. The target for query ``t`` is the main
 attention's distribution summed over heads and L1-normalised, ``p_{t,:}``; the loss is
