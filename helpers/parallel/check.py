@@ -25,16 +25,19 @@ MOE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_e
 TOLERANCE = 1e-5
 
 
-def build_reference(config: dict, starve: tuple[int, ...] = ()) -> DeepSeekMoE:
+def build_reference(config: dict, starve: tuple[int, ...] = (), bias: tuple[float, ...] | None = None) -> DeepSeekMoE:
     """The single-process layer every rank builds identically from ``config["seed"]``.
 
-    ``starve``: experts given a bias of -100 so no token picks them (an expert, or a whole rank, with no tokens).
+    ``starve``: experts given a bias of -100 so no token picks them (an expert, or a whole rank, with no tokens);
+    ``bias``: (E,) a bias to skew the load (default: small random values).
     """
     torch.manual_seed(config["seed"])
     moe = DeepSeekMoE(**{k: config[k] for k in MOE_FIELDS}, scoring_func=config.get("scoring_func", "sigmoid"),
                       routed_scaling_factor=2.5)
     with torch.no_grad():
         moe.bias.uniform_(-0.05, 0.05)
+        if bias is not None:
+            moe.bias.copy_(torch.tensor(bias))
         moe.bias[list(starve)] = -100.0
     return moe
 
@@ -45,14 +48,15 @@ def split_tokens(total: int, tokens: list[int] | None, world: int) -> list[int]:
 
 
 def compare_worker(rank: int, world: int, config: dict, layout_slots=None, starve: tuple[int, ...] = (),
-                   tokens: list[int] | None = None) -> dict:
+                   tokens: list[int] | None = None, bias: tuple[float, ...] | None = None) -> dict:
     """Run both layers on this rank; return the largest differences over all ranks and what was moved.
 
     Returns:
         ``{"out": max|out diff|, "grad": max|grad diff| (input, router, shared, experts), "recv": rows this
-        rank received, "send": rows sent per rank}``; ``out`` and ``grad`` are maxima over all ranks.
+        rank received, "send": rows sent per rank, "load": (E,) tokens per expert over all ranks,
+        "timeline": the forward's phases}``; ``out`` and ``grad`` are maxima over all ranks.
     """
-    moe = build_reference(config, starve)
+    moe = build_reference(config, starve, bias)
     per_rank = split_tokens(config["tokens"], tokens, world)
     g = torch.Generator().manual_seed(config["seed"] + 1)
     x = torch.randn(sum(per_rank), config["hidden_size"], generator=g)  # (T_all, H) every rank's tokens
@@ -86,8 +90,10 @@ def compare_worker(rank: int, world: int, config: dict, layout_slots=None, starv
         diffs.append((total - ref.grad).abs().max())
     worst = torch.stack([out_diff, torch.stack(diffs).max()])
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    load = ep.last_load.clone()
+    dist.all_reduce(load)
     return {"out": worst[0].item(), "grad": worst[1].item(), "recv": sum(ep.last_recv), "send": ep.last_send,
-            "timeline": ep.last_timeline}
+            "load": load, "timeline": ep.last_timeline}
 
 
 def summary_line(world: int, out: float, grad: float) -> str:

@@ -11,14 +11,16 @@ the other workers are stopped. The same worker functions run under ``torchrun`` 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
@@ -35,6 +37,22 @@ def _context():
         ctx.set_forkserver_preload(["torch", "helpers.parallel"])
         return ctx
     return mp.get_context("spawn")
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """Hide ``__main__``'s file while workers start: they import ``fn`` from its module and must not re-run
+    the caller's script (a script without a ``__main__`` guard, or code piped to ``python -``)."""
+    main = sys.modules["__main__"]
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    main.__spec__ = None
+    if "__file__" in saved:
+        del main.__file__
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
 
 
 def _worker(rank: int, nproc: int, port: int, pg_timeout: float, threads: int, fn: Callable, args: tuple,
@@ -98,8 +116,9 @@ def launch(fn: Callable, nproc: int, *args, timeout: float = 120.0, pg_timeout: 
     results = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(rank, nproc, store.port, pg_timeout, threads, fn, args, results),
                          daemon=True, name=f"rank{rank}") for rank in range(nproc)]
-    for p in procs:
-        p.start()
+    with _main_not_rerun():
+        for p in procs:
+            p.start()
     done: dict[int, object] = {}
     deadline = time.monotonic() + timeout
     try:
@@ -127,9 +146,10 @@ def launch(fn: Callable, nproc: int, *args, timeout: float = 120.0, pg_timeout: 
             time.sleep(0.2)  # a peer's death is the cause if a rank failed on a broken connection
             dead = [(r, p.exitcode) for r, p in enumerate(procs) if r != rank and p.exitcode not in (None, 0)]
             if dead:
-                first_line = str(exc).splitlines()[0] if exc is not None else "failed"
+                cause = (str(exc).splitlines() or [""])[0] if exc is not None else "failed"
+                cause = cause if len(cause) <= 60 else cause[:57] + "..."
                 raise RuntimeError(f"rank {dead[0][0]} died (exit code {dead[0][1]}) before returning a result; "
-                                   f"rank {rank} then failed ({first_line}); the other ranks were stopped")
+                                   f"the other ranks were stopped (rank {rank} had failed: {cause})")
             message = f"rank {rank}: {exc if exc is not None else 'worker failed'}\n\nworker traceback:\n{trace}"
             try:
                 raise type(exc)(message) from None

@@ -1,0 +1,67 @@
+"""The pictures of notebook 14: the round trip per rank, destinations per token, load per rank."""
+
+from __future__ import annotations
+
+import statistics
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from helpers.teaching.plotting import axes
+
+PHASE_COLORS = {"route": "tab:gray", "dispatch": "tab:blue", "experts": "tab:orange", "combine": "tab:green",
+                "sum": "tab:purple"}
+
+
+def median_round(timelines_per_rank: list[list]) -> int:
+    """The index of the round whose slowest rank took the median time."""
+    rounds = len(timelines_per_rank[0])
+    spans = [max(t[i][-1][2] for t in timelines_per_rank) - min(t[i][0][1] for t in timelines_per_rank)
+             for i in range(rounds)]
+    return spans.index(statistics.median_low(spans))
+
+
+def plot_timeline(timelines_per_rank: list[list], ax: plt.Axes | None = None) -> plt.Axes:
+    """One row per rank, one bar per phase of the median round, in milliseconds from the first start."""
+    i = median_round(timelines_per_rank)
+    t0 = min(t[i][0][1] for t in timelines_per_rank)
+    ax = axes("One forward of the expert-parallel layer, per rank (median round)", "time since start (ms)", "rank",
+              ax=ax, figsize=(8, 1.2 + 0.7 * len(timelines_per_rank)))
+    for rank, rounds in enumerate(timelines_per_rank):
+        for phase, start, end in rounds[i]:
+            if phase in PHASE_COLORS:
+                ax.broken_barh([(1e3 * (start - t0), 1e3 * (end - start))], (rank - 0.35, 0.7),
+                               color=PHASE_COLORS[phase], label=phase if rank == 0 else None)
+    ax.set_yticks(range(len(timelines_per_rank)))
+    ax.invert_yaxis()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(PHASE_COLORS))
+    return ax
+
+
+def plot_nodes_per_token(rows: list[dict], ax: plt.Axes | None = None) -> plt.Axes:
+    """Histogram of distinct destination nodes per token, one bar group per routing."""
+    ax = axes("V3 layout on paper: nodes each token's 8 experts live on", "distinct nodes per token",
+              "share of tokens (%)", ax=ax)
+    width = 0.8 / len(rows)
+    for j, row in enumerate(rows):
+        hist = np.asarray(row["nodes_hist"], dtype=float)
+        ax.bar(np.arange(len(hist)) + (j - (len(rows) - 1) / 2) * width, 100 * hist / hist.sum(), width,
+               label=row["routing"])
+    ax.set_xticks(range(1, len(rows[0]["nodes_hist"])))
+    ax.set_xlim(0.5, len(rows[0]["nodes_hist"]) - 0.5)
+    ax.legend()
+    return ax
+
+
+def plot_rank_loads(before, after, labels=("one copy per expert", "with replicas"), ax: plt.Axes | None = None,
+                    title: str = "Tokens per rank before and after replication", ylabel: str = "tokens routed to the rank") -> plt.Axes:
+    """Bars of per-rank load for two layouts, with the mean as a line."""
+    ax = axes(title, "rank", ylabel, ax=ax)
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    ranks = np.arange(len(before))
+    ax.bar(ranks - 0.2, before, 0.4, label=labels[0])
+    ax.bar(ranks + 0.2, after, 0.4, label=labels[1])
+    ax.axhline(before.mean(), color="black", lw=1, ls="--", label="mean")
+    ax.set_xticks(ranks)
+    ax.legend()
+    return ax
