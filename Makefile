@@ -43,6 +43,7 @@ exercises: install  ## write the workshop versions (solutions replaced by stubs)
 bench: install  ## the MoE and MLA benchmarks (minutes; not part of the tests); saves medians, writes the README's tables
 	$(BIN)/python -m helpers.bench moe --save notebooks/results/bench_moe.json
 	$(BIN)/python -m helpers.bench mla --save notebooks/results/bench_mla.json
+	$(BIN)/python -m helpers.bench dsa --repeats 15 --save notebooks/results/bench_dsa.json
 	$(BIN)/python -m helpers.teaching.readme README.md
 
 clean:
