@@ -7,7 +7,7 @@ import torch
 
 from helpers.parallel import ExpertLayout, launch
 from helpers.parallel.__main__ import main
-from helpers.parallel.check import DEFAULT, TOLERANCE, compare_worker, summary_line
+from helpers.parallel.check import DEFAULT, TOLERANCE, bias_update_worker, compare_worker, summary_line
 from helpers.parallel.faults import dying_worker, mismatched_config_worker
 
 GROUPED = dict(DEFAULT, n_group=4, topk_group=2)  # 12 experts in 4 groups of 3, 2 groups per token
@@ -87,3 +87,7 @@ def test_assign_slots_splits_a_hot_expert_between_its_copies():
     layout = ExpertLayout(3, ((0, 1), (0, 2)))  # expert 0 on both ranks
     slots = layout.assign_slots(torch.tensor([[0], [0], [1], [0], [2], [0]]))
     assert slots.tolist() == [0, 2, 1, 0, 3, 2]
+
+
+def test_bias_update_uses_the_load_of_all_ranks():
+    assert launch(bias_update_worker, 4, DEFAULT, timeout=60) == [0.0] * 4

@@ -79,3 +79,23 @@ def test_layout_validation():
         ExpertLayout(4, ((0, 1), (2, 2)))
     with pytest.raises(ValueError, match="slots of rank 0"):
         ExpertLayout(4, ((0, 9), (2, 3)))
+
+
+def test_one_rank_needs_no_process_group():
+    """With one rank the dispatcher moves nothing: the layer is DeepSeekMoE in one process, gradients included."""
+    from helpers.moe import DeepSeekMoE
+    from helpers.parallel import ExpertParallelMoE
+
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(16, 8, 6, 2, n_shared_experts=1, n_group=3, topk_group=2)
+    ep = ExpertParallelMoE.from_moe(moe)
+    x = torch.randn(2, 5, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = moe(x1), ep(x2)
+    torch.testing.assert_close(y2, y1, atol=1e-6, rtol=0)
+    upstream = torch.randn_like(y1)
+    (y1 * upstream).sum().backward()
+    (y2 * upstream).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=0)
+    for name in ("gate_weight", "w_gate_up", "w_down"):
+        torch.testing.assert_close(getattr(ep, name).grad, getattr(moe, name).grad, atol=1e-5, rtol=0)

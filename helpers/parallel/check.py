@@ -121,3 +121,19 @@ def validate(config: dict, world: int) -> None:
     ExpertLayout.contiguous(config["n_routed_experts"], world)
     if config["tokens"] < 0:
         raise ValueError(f"tokens must be >= 0, got {config['tokens']}")
+
+
+def bias_update_worker(rank: int, world: int, config: dict, gamma: float = 0.01) -> float:
+    """One training forward and bias update on both layers: the largest bias difference over the ranks."""
+    moe = build_reference(config)
+    moe.gamma = gamma
+    per_rank = split_tokens(config["tokens"], None, world)
+    x = torch.randn(sum(per_rank), config["hidden_size"], generator=torch.Generator().manual_seed(config["seed"] + 1))
+    ep = ExpertParallelMoE.from_moe(moe, ExpertLayout.contiguous(config["n_routed_experts"], world), rank)
+    moe.train()(x)
+    moe.update_bias()
+    ep.train()(x[rank * per_rank[0]:(rank + 1) * per_rank[0]])
+    ep.update_bias()
+    diff = (ep.bias - moe.bias).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()

@@ -90,6 +90,14 @@ class AllToAllDispatcher:
                 raise ValueError(f"{name} differs across ranks ({shown}); build every rank's layer from the "
                                  "same config and layout")
 
+    def sum_over_ranks(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` over the ranks (a copy; ``t`` itself with one rank)."""
+        if self.layout.n_ranks == 1:
+            return t
+        total = t.clone()
+        dist.all_reduce(total, group=self.group)
+        return total
+
     def _move(self, x: Tensor, send: list[int], recv: list[int]) -> Tensor:
         if self.layout.n_ranks == 1:
             return x

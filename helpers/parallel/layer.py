@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers.layers import SwiGLU
-from helpers.moe import DeepSeekMoE, expert_load, route, router_dtype
+from helpers.moe import DeepSeekMoE, expert_load, route, router_dtype, update_bias
 from helpers.moe.experts import run_experts
 from helpers.parallel.comm import AllToAllDispatcher
 from helpers.parallel.layout import ExpertLayout
@@ -68,6 +68,8 @@ class ExpertParallelMoE(nn.Module):
         if moe.shared_experts is not None:
             self.shared_experts = SwiGLU(moe.hidden_size, moe.shared_experts.w_gate.out_features)
             self.shared_experts.load_state_dict(moe.shared_experts.state_dict())
+        self.gamma = moe.gamma
+        self.register_buffer("load_since_update", torch.zeros(moe.n_routed_experts), persistent=False)
         self.last_timeline: list[tuple[str, float, float]] = []
 
     @classmethod
@@ -110,4 +112,20 @@ class ExpertParallelMoE(nn.Module):
         mark("sum")
         self.last_send, self.last_recv = state.send, state.recv
         self.last_load, self.last_indices = expert_load(indices, self.n_routed_experts), indices
+        if self.training:
+            self.load_since_update += self.last_load
         return y.reshape(shape)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """The bias update of :meth:`helpers.moe.DeepSeekMoE.update_bias` on the load of *all* ranks.
+
+        Every rank sums the loads counted since the last update over the ranks and moves its copy of
+        the bias by the same step, so the copies stay equal. Call it on every rank (a collective).
+        """
+        load = self.dispatcher.sum_over_ranks(self.load_since_update)
+        if not load.any():
+            raise RuntimeError("no training-mode forward since the last update_bias; "
+                               "run the layer in train() mode before updating the bias")
+        self.bias.copy_(update_bias(self.bias, load, self.gamma))
+        self.load_since_update.zero_()
