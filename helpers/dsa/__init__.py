@@ -12,6 +12,7 @@ module             holds
 ``hf``             conversions to and from ``transformers``' ``DeepseekV32Attention``
 ``cost``           FLOPs and bytes per decoded token from a configuration
 ``checks``         the exercise checkers of notebook 25
+``diagrams``       the selection picture of notebook 25
 ``bench``          the decode benchmark behind ``python -m helpers.bench dsa``
 =================  ===========================================================================
 

@@ -68,6 +68,10 @@ def select_topk(scores: Tensor, start_pos: int, topk: int) -> tuple[Tensor, Tens
         ``indices (B, T, k)`` (int64, best first) and ``valid (B, T, k)`` (bool): False where a query has fewer
         than ``k`` visible tokens and the slot holds a future token (the attention must ignore it; the same
         happens in ``transformers``, whose padded picks are masked again by the causal mask).
+
+    Ties: ``torch.topk`` does not specify which of equal scores it keeps, here or in ``transformers``; with
+    real-valued scores exact ties are rare, but ReLU can make whole rows of a head zero, so compare selections
+    as sets and only where the ``k``-th and ``k+1``-th scores differ (tests/test_dsa_hf.py does).
     """
     t, s = scores.shape[1], scores.shape[2]
     visible = torch.arange(s, device=scores.device)[None, :] <= start_pos + torch.arange(t, device=scores.device)[:, None]
