@@ -132,7 +132,7 @@ def test_cost_at_v32_sizes():
     # dense: 2 n_h S (d_c + d_r) + 2 n_h S d_c; sparse: the same with S = k = 2048
     assert c["dense_flops"] == 2 * 128 * 131072 * (512 + 64) + 2 * 128 * 131072 * 512
     assert c["sparse_flops"] == c["dense_flops"] * 2048 / 131072
-    assert c["indexer_bytes"] == 131072 * 128 and c["dense_bytes"] == 131072 * 576 * 2
+    assert c["indexer_bytes"] == 131072 * (128 + 4) and c["dense_bytes"] == 131072 * 576 * 2
     assert c["dsa_flops"] < c["dense_flops"] / 10
     assert decode_cost(config, 1024)["sparse_flops"] == decode_cost(config, 1024)["dense_flops"]  # k >= S
     assert "131072" in cost_table(config)

@@ -6,7 +6,8 @@ indexer ``n_I`` heads of ``d_I`` and top-``k`` (a multiply-add counts as 2 FLOPs
 - dense absorbed MLA reads every cached ``[c; k^R]`` once for all heads: scores ``2 n_h S (d_c + d_h^R)``,
   weighted sum of latents ``2 n_h S d_c``; bytes ``S (d_c + d_h^R) b_latent``;
 - DSA's indexer reads every cached indexer key: ``2 n_I S d_I`` for the ``q . k`` and ``2 n_I S`` for the
-  head weighting; bytes ``S d_I b_index`` (top-k over ``S`` scores is not counted);
+  head weighting; bytes ``S (d_I b_index + b_scale d_I / 128)`` (DeepSeek's reference caches the indexer keys
+  in FP8 with one fp32 scale per block of 128; top-k over ``S`` scores is not counted);
 - DSA's sparse attention is dense MLA with ``S`` replaced by ``min(k, S)``.
 
 The projections (queries, latent, indexer queries, keys and weights, output) do not depend on ``S``; they are
@@ -19,15 +20,16 @@ from typing import Any
 
 
 def decode_cost(config: Any, context: int, topk: int | None = None, bytes_latent: float = 2,
-                bytes_index: float = 1) -> dict[str, float]:
+                bytes_index: float = 1, bytes_index_scale: float = 4) -> dict[str, float]:
     """FLOPs and cache bytes read for one decoded token in one layer.
 
     Args:
         config: a ``DeepseekV32Config`` (or anything with its field names).
         context: ``S``, cached tokens the new token attends to.
         topk: ``k`` (default ``config.index_topk``).
-        bytes_latent: bytes per cached latent element (2: bf16); bytes_index: per indexer key element
-            (1: FP8, DeepSeek's reference stores the indexer keys in FP8; its per-block scales are ignored).
+        bytes_latent: bytes per cached latent element (2: bf16, as DeepSeek's reference inference code caches
+            them); bytes_index: per indexer key element (1: FP8, the reference's ``k_cache``);
+            bytes_index_scale: per block of 128 indexer key elements (4: the reference's fp32 ``k_scale_cache``).
 
     Returns:
         ``dense_flops``, ``dense_bytes``, ``indexer_flops``, ``indexer_bytes``, ``sparse_flops``, ``sparse_bytes``,
@@ -45,7 +47,8 @@ def decode_cost(config: Any, context: int, topk: int | None = None, bytes_latent
 
     dense_flops, dense_bytes = mla(s)
     sparse_flops, sparse_bytes = mla(k)
-    indexer_flops, indexer_bytes = 2 * n_i * s * d_i + 2 * n_i * s, s * d_i * bytes_index
+    indexer_flops = 2 * n_i * s * d_i + 2 * n_i * s
+    indexer_bytes = s * (d_i * bytes_index + bytes_index_scale * -(-d_i // 128))
     q = config.q_lora_rank
     projection = 2 * (h * q + q * n_h * (d_n + d_r) + h * (d_c + d_r) + n_h * d_n * d_c + n_h * d_c * d_v + n_h * d_v * h)
     return dict(dense_flops=dense_flops, dense_bytes=dense_bytes, indexer_flops=indexer_flops,
