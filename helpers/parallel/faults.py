@@ -19,7 +19,14 @@ def mismatched_config_worker(rank: int, world: int, config: dict, field: str, ot
 
 
 def dying_worker(rank: int, world: int, exit_code: int = 3) -> None:
-    """The last rank exits at once; the others wait for it in a collective (which would block until the timeout)."""
+    """After a first collective, the last rank exits; the others wait for it in the next one (which would
+    block until the process group's timeout if nobody watched)."""
+    dist.barrier()
     if rank == world - 1:
         os._exit(exit_code)
     dist.barrier()
+
+
+def ready_worker(rank: int, world: int) -> int:
+    """Does nothing but join the group: starts the process machinery (to time a failure without the start-up)."""
+    return rank
