@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install lab test lint unit notebooks execute exercises bench clean
+.PHONY: install lab workshop test test-browser lint unit notebooks execute exercises site bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,19 +14,34 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --no-compile -r requirements.txt
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the pinned requirements
+# JupyterLab settings for every server of this venv: no first-start news prompt over the outputs.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+$(LAB_SETTINGS): helpers/teaching/lab_overrides.json $(STAMP)
+	mkdir -p $(dir $@) && cp $< $@
 
-# JupyterLab refuses to run as root (containers) unless told it may.
+install: $(STAMP) $(LAB_SETTINGS)  ## create .venv and install the pinned requirements
+
+# JupyterLab refuses to run as root (containers) unless told it may. The server's root is the
+# repository, so notebooks/ and exercises/ are both reachable. LAB_OPTS: extra server options
+# (the browser test adds a port, a token and --no-browser; nothing else differs).
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_OPTS ?=
+LAB := $(BIN)/jupyter lab $(LAB_FLAGS) --ServerApp.root_dir=. $(LAB_OPTS)
 
 lab: install  ## open JupyterLab on the first notebook
-	$(BIN)/jupyter lab $(LAB_FLAGS) notebooks/00_why_deepseek_is_cheap.ipynb
+	$(LAB) notebooks/00_why_deepseek_is_cheap.ipynb
+
+workshop: exercises  ## write the exercise versions to exercises/ and open JupyterLab on them
+	$(LAB) exercises/00_why_deepseek_is_cheap.ipynb
 
 test: install lint  ## lint, unit tests, then nbval over every notebook
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
+
+test-browser: install  ## JupyterLab in headless Chromium: Run All on notebooks, an exercise, the site (minutes)
+	$(BIN)/python -m pytest tests/browser/lab_in_chromium.py -v
 
 unit: install  ## unit tests only (fast)
 	$(BIN)/python -m pytest tests
@@ -39,6 +54,9 @@ execute: install  ## re-run every notebook in place, top to bottom, so committed
 
 exercises: install  ## write the workshop versions (solutions replaced by stubs) to exercises/
 	$(BIN)/python -m helpers.teaching.exercises notebooks exercises
+
+site: install  ## the notebooks with their outputs as static HTML in build/site/ (index: README's table order)
+	$(BIN)/python -m helpers.teaching.site --readme README.md --out build/site
 
 bench: install  ## the MoE and MLA benchmarks (minutes; not part of the tests); saves medians, writes the README's tables
 	$(BIN)/python -m helpers.bench moe --save notebooks/results/bench_moe.json
