@@ -92,3 +92,12 @@ def test_assign_slots_splits_a_hot_expert_between_its_copies():
 
 def test_bias_update_uses_the_load_of_all_ranks():
     assert launch(bias_update_worker, 4, DEFAULT, timeout=60) == [0.0] * 4
+
+
+def test_capstone_training_sharded_gives_the_same_losses():
+    from helpers.parallel.training import compare_training_worker
+
+    curves = launch(compare_training_worker, 2, 2, timeout=300)[0]
+    assert len(curves["one process"]) == 2
+    for a, b in zip(curves["one process"], curves["expert parallel"]):
+        assert abs(a - b) <= TOLERANCE

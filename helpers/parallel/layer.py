@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers.layers import SwiGLU
-from helpers.moe import DeepSeekMoE, expert_load, route, router_dtype, update_bias
+from helpers.moe import (
+    DeepSeekMoE,
+    RoutingStats,
+    expert_load,
+    max_violation,
+    route,
+    router_dtype,
+    update_bias,
+)
 from helpers.moe.experts import run_experts
 from helpers.parallel.comm import AllToAllDispatcher
 from helpers.parallel.layout import ExpertLayout
@@ -69,6 +77,7 @@ class ExpertParallelMoE(nn.Module):
             self.shared_experts = SwiGLU(moe.hidden_size, moe.shared_experts.w_gate.out_features)
             self.shared_experts.load_state_dict(moe.shared_experts.state_dict())
         self.gamma = moe.gamma
+        self.aux_loss = torch.zeros(())  # the auxiliary losses are not sharded (helpers.parallel.training)
         self.register_buffer("load_since_update", torch.zeros(moe.n_routed_experts), persistent=False)
         self.last_timeline: list[tuple[str, float, float]] = []
 
@@ -114,6 +123,8 @@ class ExpertParallelMoE(nn.Module):
         self.last_load, self.last_indices = expert_load(indices, self.n_routed_experts), indices
         if self.training:
             self.load_since_update += self.last_load
+        self.last_stats = RoutingStats(load=self.last_load, max_vio=max_violation(self.last_load),
+                                       weights=weights.detach(), indices=indices)  # this rank's tokens only
         return y.reshape(shape)
 
     @torch.no_grad()
