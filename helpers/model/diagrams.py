@@ -73,6 +73,7 @@ def plot_specialisation(counts: torch.Tensor) -> None:
     for i, ax in enumerate(axs[0]):
         share = counts[i] / counts[i].sum(dim=1, keepdim=True).clamp(min=1)
         im = ax.imshow(share, cmap="viridis", vmin=0, vmax=max(0.5, share.max().item()))
+        ax.grid(False)
         ax.set_xticks(range(counts.shape[2]))
         ax.set_yticks(range(len(CLASSES)), CLASSES if i == 0 else [""] * len(CLASSES))
         ax.set_xlabel("routed expert")

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import pathlib
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -46,7 +47,7 @@ def model_config(vocab_size: int = 1024, **overrides):
 class TrainSettings:
     """Everything that determines a run (saved beside the checkpoint)."""
 
-    steps: int = 800
+    steps: int = 200
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
@@ -57,7 +58,7 @@ class TrainSettings:
     gamma: float = 1e-3
     seq_aux_loss_alpha: float = 0.0
     vocab_size: int = 1024
-    eval_every: int = 100
+    eval_every: int = 25
     eval_windows: int = 16
     seed: int = 0
     model: dict = field(default_factory=dict)
@@ -134,10 +135,23 @@ def train(model: DeepSeekV3, train_ids: torch.Tensor, val_ids: torch.Tensor, set
             hist["val_loss"].append(evaluate(model, windows))
             bar.set_postfix(loss=f"{out['main'].item():.3f}", val=f"{hist['val_loss'][-1]:.3f}")
     bar.close()
+    _leave_text(bar)
     hist["seconds"] = time.perf_counter() - start
     hist["tokens_per_s"] = tokens / hist["seconds"]
     model.eval()
     return hist
+
+
+def _leave_text(bar) -> None:
+    """In a notebook, replace the progress widget (whose saved text is its first state) by the finished bar."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import clear_output
+    except ImportError:
+        return
+    if get_ipython() is not None and getattr(bar, "container", None) is not None:
+        clear_output()
+        print(str(bar))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     hist = train(model, train_ids, val_ids, settings)
     print(f"final validation loss {hist['val_loss'][-1]:.4f} nats, {hist['tokens_per_s']:.0f} tokens/s, "
           f"{hist['seconds']:.0f} s")
-    save(model, tokenizer, settings, hist, args.out, argv_line="python -m helpers.train " + " ".join(argv or []))
+    save(model, tokenizer, settings, hist, args.out, argv_line="python -m helpers.train " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 def save(model, tokenizer, settings: TrainSettings, hist: dict, out: str | pathlib.Path, argv_line: str) -> None:
