@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.times:
         saved = json.loads(SAVED_TIMES.read_text()) if SAVED_TIMES.exists() else {}
-        saved.update({k: v for k, v in json.loads(args.times.read_text()).items() if k.endswith(".ipynb")})
+        saved.update({k: v for k, v in json.loads(args.times.read_text()).items() if k[:2].isdigit()})
         SAVED_TIMES.write_text(json.dumps(dict(sorted(saved.items())), indent=1) + "\n")
     args.file.write_text(render(args.file.read_text()))
     print(f"{args.file}: mistakes of {len(checkers())} checkers, run times written")
