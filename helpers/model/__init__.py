@@ -9,6 +9,7 @@ module             holds
 ``hf``             to and from ``DeepseekV3ForCausalLM``, export to a ``from_pretrained`` directory
 ``data``           the corpus (a pinned dependency's source files) and the byte-level BPE tokenizer
 ``train``          the training loop and ``python -m helpers.train``
+``diagrams``       notebooks 30-32's pictures: loss and MaxVio curves, experts by token class, decode speed
 =================  ===========================================================================
 """
 
