@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install lab workshop test test-browser lint unit notebooks execute exercises site bench parallel-check clean
+.PHONY: install lab workshop test test-browser lint unit notebooks execute exercises site bench parallel-check train clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ exercises: install  ## write the workshop versions (solutions replaced by stubs)
 
 site: install  ## the notebooks with their outputs as static HTML in build/site/ (index: README's table order)
 	$(BIN)/python -m helpers.teaching.site --readme README.md --out build/site
+
+train: install  ## train the miniature DeepSeek-V3 and export it to notebooks/results/tiny_deepseek_v3/ (about 20 min on 2 cores)
+	$(BIN)/python -m helpers.train --out notebooks/results/tiny_deepseek_v3
 
 parallel-check: install  ## the expert-parallel layer on 2, 3 and 4 processes against one process
 	for n in 2 3 4; do $(BIN)/python -m helpers.parallel check --nproc $$n || exit 1; done

@@ -99,7 +99,7 @@ def benchmark(variants: Mapping[str, Callable[[], Any]], *, baseline: str | None
     return BenchResult(times=times, baseline=baseline, config=dict(config or {}))
 
 
-SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench", "dsa": "helpers.dsa.bench"}
+SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench", "dsa": "helpers.dsa.bench", "model": "helpers.model.bench"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ def test_nb14_v3_numbers_are_the_released_config():
 
     cfg = deepseek_v3()
     source = "\n".join(c.source for c in nbformat.read(NOTEBOOKS / NAME, 4).cells if c.cell_type == "code")
-    match = re.search(r"hidden, inter, n_experts, moe_layers = (\d+), (\d+), (\d+), (\d+) - (\d+)", source)
+    match = re.search(r"hidden, inter, n_experts, moe_layers = \(?\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+) - (\d+)", source)
     assert match, "the V3 constants cell changed; update this test"
     h, i, e, layers, dense = map(int, match.groups())
     assert (h, i, e, layers, dense) == (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts,

@@ -77,3 +77,13 @@ def test_readme_benchmark_figures_are_the_saved_results():
     assert "<!-- BEGIN moe-bench -->" in readme
     assert render(readme) == readme, "README benchmark figures differ from notebooks/results/; run " \
         "`python -m helpers.teaching.readme README.md`"
+
+
+def test_notebook_code_fits_a_laptop_browser():
+    """JupyterLab at 1366 pixels with the file browser open shows about 117 characters of code."""
+    for name in NOTEBOOKS:
+        nb = json.loads((ROOT / "notebooks" / name).read_text())
+        for i, c in enumerate(nb["cells"]):
+            if c["cell_type"] == "code":
+                for line in "".join(c["source"]).splitlines():
+                    assert len(line) <= 117, f"{name}, cell {i}: a {len(line)}-character line is cut off on a laptop"

@@ -27,12 +27,13 @@ SAVED_TIMES = ROOT / "tests" / "browser" / "run_all_seconds.json"
 
 
 def checkers() -> list[tuple[str, Checker]]:
-    """Every exercise checker of both tracks, as (import name, checker)."""
+    """Every exercise checker of the collection, as (import name, checker)."""
+    from helpers.dsa import checks as dsa_checks
     from helpers.mla import checks as mla_checks
     from helpers.moe import checks as moe_checks
 
     found = []
-    for module, prefix in ((moe_checks, "moe_checks."), (mla_checks, "")):
+    for module, prefix in ((moe_checks, "moe_checks."), (mla_checks, ""), (dsa_checks, "")):
         for attr in sorted(dir(module)):
             value = getattr(module, attr)
             if isinstance(value, Checker):
