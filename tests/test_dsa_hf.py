@@ -1,8 +1,8 @@
 """Our sparse MLA layer equals transformers' DeepseekV32Attention (fp32, atol 1e-5), and the selections agree.
 
-transformers is driven as DeepseekV32Model drives it: a DynamicCache (which holds the indexer keys), the
-model's rotary embedding at position ids continuing from the cache length, and create_causal_mask with
-allow_is_causal_skip=False. Its indexer's top-k indices are captured with a forward hook.
+transformers is driven as DeepseekV32Model drives it (helpers.dsa.hf.hf_attention_forward: a DynamicCache
+holding the indexer keys, the model's rotary embedding at position ids continuing from the cache length,
+create_causal_mask with allow_is_causal_skip=False); its indexer's top-k indices are captured with a hook.
 
 Selected sets are compared as sets, restricted to visible (causal) tokens: when a query sees fewer than k
 tokens, transformers' top-k also returns masked future positions (score ~ -3.4e38, order among them
@@ -12,15 +12,11 @@ make either set a valid answer; the test asserts there is no such tie, so the se
 
 import pytest
 import torch
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.models.deepseek_v32.modeling_deepseek_v32 import (
-    DeepseekV32Attention,
-    DeepseekV32RotaryEmbedding,
-)
+from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Attention
 
 from helpers.configs import tiny_config
 from helpers.dsa import SparseLatentAttention, SparseLatentCache
+from helpers.dsa.hf import hf_attention_forward
 from helpers.hf import dsa_from_hf, dsa_to_hf
 from helpers.utils import seed_everything
 
@@ -48,23 +44,7 @@ def hf_modules(config):
         for name, p in attn.named_parameters():
             norm = "layernorm" in name or "k_norm" in name
             p.copy_(torch.randn_like(p) * (0.1 if norm else 0.3) + (1.0 if norm and name.endswith("weight") else 0.0))
-    return attn, DeepseekV32RotaryEmbedding(config)
-
-
-def hf_forward(attn, rotary, config, chunks):
-    """Run chunks through ``attn`` with a DynamicCache; the outputs and the indexer's top-k per chunk."""
-    cache, outs, picks = DynamicCache(config=config), [], []
-    hook = attn.indexer.register_forward_hook(lambda m, args, out: picks.append(out.long()))
-    for x in chunks:
-        past = cache.get_seq_length()
-        position_ids = torch.arange(past, past + x.shape[1])[None]  # (1, T)
-        mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, past_key_values=cache,
-                                  position_ids=position_ids, allow_is_causal_skip=False)
-        out, _ = attn(hidden_states=x, position_embeddings=rotary(x, position_ids), attention_mask=mask,
-                      past_key_values=cache, position_ids=position_ids)
-        outs.append(out)
-    hook.remove()
-    return torch.cat(outs, dim=1), picks
+    return attn
 
 
 def ours_forward(layer, chunks):
@@ -104,7 +84,7 @@ def selection_has_no_ties(layer, x):
 def test_prefill_and_decode_equal_transformers(case):
     seed_everything(0)
     config = config_for(case)
-    attn, rotary = hf_modules(config)
+    attn = hf_modules(config)
     ours = dsa_from_hf(attn)
     assert isinstance(ours, SparseLatentAttention) and ours.index_topk == config.index_topk
     x = torch.randn(2, T, config.hidden_size)
@@ -112,7 +92,7 @@ def test_prefill_and_decode_equal_transformers(case):
     chunks = [x[:, :PREFILL]] + [x[:, t:t + 1] for t in range(PREFILL, T)]
     with torch.no_grad():
         for parts in ([x], chunks):
-            want, hf_picks = hf_forward(attn, rotary, config, parts)
+            want, hf_picks = hf_attention_forward(attn, parts)
             got, our_picks = ours_forward(ours, parts)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert_same_selections(our_picks, hf_picks)
@@ -124,19 +104,18 @@ def test_prefill_and_decode_equal_transformers(case):
 def test_to_hf_round_trip(case):
     seed_everything(1)
     config = config_for(case)
-    layer = dsa_from_hf(hf_modules(config)[0])
+    layer = dsa_from_hf(hf_modules(config))
     module = dsa_to_hf(layer)
     assert isinstance(module, DeepseekV32Attention)
-    for (n1, p1), (n2, p2) in zip(sorted(hf_modules(config)[0].state_dict().items()), sorted(module.state_dict().items())):
+    for (n1, p1), (n2, p2) in zip(sorted(hf_modules(config).state_dict().items()), sorted(module.state_dict().items())):
         assert n1 == n2 and p1.shape == p2.shape
     back = dsa_from_hf(module)
     for (n1, p1), (n2, p2) in zip(layer.state_dict().items(), back.state_dict().items()):
         assert n1 == n2
         torch.testing.assert_close(p1, p2, atol=0, rtol=0)
     x = torch.randn(1, T, config.hidden_size)
-    rotary = DeepseekV32RotaryEmbedding(module.config)
     with torch.no_grad():
-        want, _ = hf_forward(module, rotary, module.config, [x[:, :PREFILL], x[:, PREFILL:]])
+        want, _ = hf_attention_forward(module, [x[:, :PREFILL], x[:, PREFILL:]])
         torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
 
 
@@ -146,6 +125,6 @@ def test_conversion_rejects_what_we_do_not_model():
     config = tiny_config("v32", attention_bias=True)
     with pytest.raises(ValueError, match="attention_bias"):
         dsa_from_hf(DeepseekV32Attention(config, 0))
-    layer = dsa_from_hf(hf_modules(tiny_config("v32"))[0])
+    layer = dsa_from_hf(hf_modules(tiny_config("v32")))
     with pytest.raises(ValueError, match="index_topk"):
         dsa_to_hf(layer, tiny_config("v32", index_topk=7))

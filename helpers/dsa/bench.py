@@ -32,6 +32,8 @@ import torch
 
 from helpers.bench import benchmark, environment_line
 from helpers.dsa.layer import SparseLatentAttention, SparseLatentCache
+from helpers.mla.bench import draw_medians
+from helpers.mla.bench import load_saved as load_saved  # the same file layout as the MLA benchmark's
 from helpers.utils import seed_everything
 
 V2_LITE_WITH_INDEXER = dict(hidden_size=2048, n_heads=16, kv_lora_rank=512, qk_nope_head_dim=128,
@@ -119,15 +121,6 @@ def saved_results(rows: list[dict], attention: dict[str, Any], *, repeats: int, 
     }
 
 
-def load_saved(path) -> dict[str, Any]:
-    """Read a ``--save`` file back, with the context lengths as ints."""
-    with open(path) as f:
-        saved = json.load(f)
-    for key in ("medians_ms", "ranges_ms"):
-        saved[key] = {v: {int(c): x for c, x in by.items()} for v, by in saved[key].items()}
-    return saved
-
-
 def summary(saved: dict[str, Any]) -> str:
     """The table of medians and the DSA / dense ratio, with the crossover."""
     med = saved["medians_ms"]
@@ -146,19 +139,11 @@ def plot_decode(saved: dict[str, Any], title: str = "One decode step: dense MLA 
     from helpers.teaching.plotting import axes
 
     ax = axes(title, "context length (tokens, log scale)", "time per decode step (ms, median, log scale)", ax=ax)
-    for name in VARIANTS:
-        points = sorted(saved["medians_ms"][name].items())
-        cs, ms = [c for c, _ in points], [m for _, m in points]
-        lo_hi = [saved["ranges_ms"][name][c] for c in cs]
-        err = [[m - lo for m, (lo, _) in zip(ms, lo_hi)], [hi - m for m, (_, hi) in zip(ms, lo_hi)]]
-        ax.errorbar(cs, ms, yerr=err, marker="o", capsize=3, label=name,
-                    linestyle=":" if name == "indexer only" else "-")
+    draw_medians(ax, saved, VARIANTS, dotted="indexer only")
     k = saved["attention"]["index_topk"]
     ax.axvline(k, color="grey", linewidth=0.8, linestyle="--", label=f"k = {k}")
     if saved["crossover_context"] is not None:
         ax.axvline(saved["crossover_context"], color="black", linewidth=0.8, label="crossover")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.legend(loc="upper left", fontsize=8)
     return ax
 

@@ -171,17 +171,22 @@ def plot_decode(saved: dict[str, Any], title: str = "One decode step against the
     from helpers.teaching.plotting import axes
 
     ax = axes(title, "context length (tokens, log scale)", "time per decode step (ms, median, log scale)", ax=ax)
-    for name in VARIANTS:
+    draw_medians(ax, saved, VARIANTS, dashed="MLA naive")
+    ax.legend(loc="upper left", fontsize=8)
+    return ax
+
+
+def draw_medians(ax, saved: dict[str, Any], names, dashed: str | None = None, dotted: str | None = None) -> None:
+    """One line per variant: median ms against the context (log-log), the rounds' min..max as error bars."""
+    for name in names:
         points = sorted(saved["medians_ms"][name].items())
         contexts, ms = [c for c, _ in points], [m for _, m in points]
         low_high = [saved["ranges_ms"][name][c] for c in contexts]
         err = [[m - lo for m, (lo, _) in zip(ms, low_high)], [hi - m for m, (_, hi) in zip(ms, low_high)]]
-        ax.errorbar(contexts, ms, yerr=err, marker="o", capsize=3, label=name,
-                    linestyle="--" if name == "MLA naive" else "-")
+        style = "--" if name == dashed else ":" if name == dotted else "-"
+        ax.errorbar(contexts, ms, yerr=err, marker="o", capsize=3, label=name, linestyle=style)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.legend(loc="upper left", fontsize=8)
-    return ax
 
 
 def main(argv: list[str] | None = None) -> None:
