@@ -47,18 +47,18 @@ def model_config(vocab_size: int = 1024, **overrides):
 class TrainSettings:
     """Everything that determines a run (saved beside the checkpoint)."""
 
-    steps: int = 200
+    steps: int = 2000
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup: int = 40
+    warmup: int = 100
     weight_decay: float = 0.1
     mtp_lambda: float = 0.3
     gamma: float = 1e-3
     seq_aux_loss_alpha: float = 0.0
     vocab_size: int = 1024
-    eval_every: int = 25
+    eval_every: int = 100
     eval_windows: int = 16
     seed: int = 0
     model: dict = field(default_factory=dict)
