@@ -99,3 +99,22 @@ def test_mtp_speculative_decoding_equals_greedy_and_accepts_drafts():
         accepted += stats["accepted"]
         assert stats["main_steps"] + stats["accepted"] >= 40 and stats["main_steps"] <= 40  # a kept draft saves a step
     assert accepted > 0
+
+
+def test_checkpoint_readme_is_written_from_the_record(tmp_path):
+    import json
+
+    from helpers.model.train import write_readme
+
+    with pytest.raises(FileNotFoundError, match="training.json"):
+        write_readme(tmp_path)
+    settings = dict(steps=7, batch_size=2, seq_len=16, lr=1e-3, min_lr=1e-4, warmup=3, gamma=1e-3,
+                    seq_aux_loss_alpha=0.0, mtp_lambda=0.3, eval_every=5, eval_windows=4)
+    record = {"command": "python -m helpers.train --steps 7", "seed": 3, "seconds": 123.4, "threads": 2,
+              "final_val_loss": 5.4321, "tokens_per_s": 456.7, "torch": "x", "settings": settings,
+              "parameters": {"total_with_mtp": 1111, "activated_with_mtp": 999, "total": 888, "activated": 777}}
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    text = write_readme(tmp_path).read_text()
+    for figure in ("python -m helpers.train --steps 7", "| seed | 3 |", "123 s (2.1 min) on 2 threads", "457 tokens/s",
+                   "5.432 nats/token", "1,111 with the MTP module (999 activated", "7 of 2 x 16 tokens"):
+        assert figure in text

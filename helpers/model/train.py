@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     hist = train(model, train_ids, val_ids, settings)
     print(f"final validation loss {hist['val_loss'][-1]:.4f} nats, {hist['tokens_per_s']:.0f} tokens/s, "
           f"{hist['seconds']:.0f} s")
-    save(model, tokenizer, settings, hist, args.out, argv_line="python -m helpers.train " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python -m helpers.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    save(model, tokenizer, settings, hist, args.out, argv_line=command)
 
 
 def save(model, tokenizer, settings: TrainSettings, hist: dict, out: str | pathlib.Path, argv_line: str) -> None:
@@ -194,10 +195,88 @@ def save(model, tokenizer, settings: TrainSettings, hist: dict, out: str | pathl
               "settings": {k: v for k, v in asdict(settings).items() if k != "model"},
               "history": {k: hist[k] for k in ("val_step", "val_loss")},
               "train_loss_every_10": hist["train_loss"][::10],
-              "max_vio_every_10": [m[::10] for m in hist["max_vio"]]}
+              "max_vio_every_10": [m[::10] for m in hist["max_vio"]],
+              "parameters": parameter_counts(model)}
     (out / "training.json").write_text(json.dumps(record, indent=1))
-    print(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json, training.json)")
+    write_readme(out)
+    print(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json, training.json, README.md)")
+
+
+def parameter_counts(model: DeepSeekV3) -> dict[str, int]:
+    """Total and activated-per-token parameters, with and without the MTP modules (recorded in training.json)."""
+    total, active = model.num_parameters(include_mtp=True)
+    total_main, active_main = model.num_parameters(include_mtp=False)
+    return {"total_with_mtp": total, "activated_with_mtp": active, "total": total_main, "activated": active_main}
+
+
+def readme_text(directory: str | pathlib.Path) -> str:
+    """The README of a checkpoint directory, every figure read from its ``training.json`` (and ``config.json``).
+
+    A record without ``parameters`` (written before they were recorded) gets them counted from the
+    directory's model (:func:`helpers.model.hf.load_pretrained`).
+    """
+    directory = pathlib.Path(directory)
+    path = directory / "training.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: write the checkpoint with `python -m helpers.train --out "
+                                f"{directory}` (it records the run there)")
+    record = json.loads(path.read_text())
+    counts = record.get("parameters")
+    if counts is None:
+        from helpers.model.hf import load_pretrained
+        counts = parameter_counts(load_pretrained(directory))
+    s = record["settings"]
+    minutes = record["seconds"] / 60
+    tokens = s["steps"] * s["batch_size"] * s["seq_len"]
+    return "\n".join([
+        f"# {directory.name}: the checkpoint notebooks 31 and 32 load",
+        "",
+        "Written by `helpers.model.train.write_readme` from `training.json` (the record of the run); do not edit by",
+        "hand. Made by one command from the repository root (the corpus is the `networkx` sources, see",
+        "`helpers/model/data.py`):",
+        "",
+        f"    {record['command']}",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| seed | {record['seed']} |",
+        f"| steps | {s['steps']} of {s['batch_size']} x {s['seq_len']} tokens ({tokens:,} tokens), "
+        f"warm-up {s['warmup']}, lr {s['lr']:g} -> {s['min_lr']:g} (cosine) |",
+        f"| balancing | bias update every step, gamma {s['gamma']:g}; sequence-wise loss alpha "
+        f"{s['seq_aux_loss_alpha']:g}; MTP lambda {s['mtp_lambda']:g} |",
+        f"| wall time | {record['seconds']:.0f} s ({minutes:.1f} min) on {record['threads']} threads, "
+        f"torch {record['torch']} |",
+        f"| throughput | {record['tokens_per_s']:.0f} tokens/s (training steps and validation) |",
+        f"| final validation loss | {record['final_val_loss']:.3f} nats/token ({s['eval_windows']} fixed windows of "
+        f"{s['seq_len']} tokens from the held-out files) |",
+        f"| parameters | {counts['total_with_mtp']:,} with the MTP module ({counts['activated_with_mtp']:,} "
+        f"activated per token); {counts['total']:,} without ({counts['activated']:,} activated) |",
+        "",
+        "`training.json` holds the whole record (command, settings, validation loss every "
+        f"{s['eval_every']} steps, training loss and MaxVio",
+        "per MoE layer every 10 steps); `model.safetensors` repeats the seed and the final validation loss in its",
+        "header. The directory is a `transformers` checkpoint: `DeepseekV3ForCausalLM.from_pretrained` loads it",
+        "(call `helpers.model.hf.register_mtp_depth(n_layers)` first so the MTP layer is recognised), and",
+        "`helpers.model.hf.load_pretrained` loads it into our model with its MTP module. Floating-point results of",
+        "a re-run can differ in the last digits on another machine or thread count; the wall time depends on the",
+        "machine and its load.",
+        "",
+    ])
+
+
+def write_readme(directory: str | pathlib.Path) -> pathlib.Path:
+    """Write ``README.md`` of an existing checkpoint directory from its ``training.json`` (no retraining).
+
+    ``python -m helpers.model.train readme notebooks/results/tiny_deepseek_v3`` does the same from a shell.
+    """
+    path = pathlib.Path(directory) / "README.md"
+    path.write_text(readme_text(directory))
+    return path
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["readme"]:
+        for d in sys.argv[2:] or ["notebooks/results/tiny_deepseek_v3"]:
+            print("wrote", write_readme(d))
+    else:
+        main()
