@@ -15,6 +15,7 @@ from torch import Tensor
 
 from helpers.dsa.attention import sparse_absorbed_attention
 from helpers.dsa.indexer import IndexerKeyCache, LightningIndexer, select_topk
+from helpers.inputs import check_attention_input
 from helpers.mla import LatentCache, MultiHeadLatentAttention, absorbed_attention
 from helpers.utils import require_positive
 
@@ -92,10 +93,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             sparse: ``False`` attends over every visible token (dense absorbed MLA) for comparison.
             return_indices: also return the selection ``indices, valid``.
         """
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must be [batch, tokens, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
-        if cache is not None and not isinstance(cache, SparseLatentCache):
-            raise ValueError(f"cache must be a SparseLatentCache (latent + indexer keys), got {type(cache).__name__}")
+        check_attention_input(self, x, cache, SparseLatentCache)
         if cache is not None and cache.indexer.length != cache.length:
             raise ValueError(f"cache is inconsistent: {cache.length} latents but {cache.indexer.length} indexer keys")
         b, t, _ = x.shape

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from helpers.inputs import check_attention_input
 from helpers.mla.attention import absorbed_attention, naive_attention
 from helpers.mla.cache import LatentCache
 from helpers.mla.rope import apply_rope, rope_cos_sin
@@ -141,8 +142,10 @@ class MultiHeadLatentAttention(nn.Module):
         """Attend causally: ``x (B, T, H) -> (B, T, H)``.
 
         Without a cache the tokens sit at positions ``0..T-1``; with one, at ``cache.length..``, and their
-        ``c^{KV}`` and ``k^R`` are appended to it. ``absorb=None`` uses ``self.absorb``.
+        ``c^{KV}`` and ``k^R`` are appended to it. ``absorb=None`` uses ``self.absorb``. Bad input (shape, dtype,
+        device, a cache of another kind, batch or width) raises before the cache changes.
         """
+        check_attention_input(self, x, cache, LatentCache, dense=True, absorb=absorb)
         b, t, _ = x.shape
         absorb = self.absorb if absorb is None else absorb
         q_nope, q_rope, c_kv, k_rope, start = self.attention_inputs(x, cache)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers.inputs import check_input_ids
 from helpers.layers import SwiGLU
 from helpers.mla import LatentCache, MultiHeadLatentAttention
 from helpers.model.config import check_config
@@ -155,9 +156,7 @@ class DeepSeekV3(nn.Module):
     def hidden(self, input_ids: Tensor, caches: list[LatentCache] | None = None,
                absorb: bool | None = None) -> Tensor:
         """The last block's output ``h (B, T, H)`` before the final norm; with ``caches`` (one per block), continue them."""
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be a LongTensor [batch, tokens], got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
+        check_input_ids(input_ids, self.config.vocab_size, caches, len(self.layers), LatentCache)
         start = caches[0].length if caches else 0
         self.check_length(start + input_ids.shape[1])
         x = self.embed(input_ids)  # (B, T, H)

@@ -20,15 +20,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from helpers.inputs import check_expert_ids, require_tensor
+
 
 def expert_load(indices: Tensor, n_experts: int) -> Tensor:
-    """Tokens routed to each expert, ``load_i = sum_t 1(i in chosen(t))``, as a float (E,) tensor."""
+    """Tokens routed to each expert, ``load_i = sum_t 1(i in chosen(t))``, as a float (E,) tensor.
+
+    ``indices`` (..., k) are integer expert ids in ``[0, n_experts)`` (checked: an id out of range raises).
+    """
+    check_expert_ids("indices", indices, n_experts, rank=None)
     return torch.bincount(indices.reshape(-1), minlength=n_experts).float()
 
 
 def max_violation(load: Tensor) -> Tensor:
-    """MaxVio = (max_i load_i - mean load) / mean load (arXiv 2408.15664 eq. 4); 0 is perfect balance."""
+    """MaxVio = (max_i load_i - mean load) / mean load (arXiv 2408.15664 eq. 4); 0 is perfect balance.
+
+    ``load`` (E,); no token at all (every load 0) counts as balanced: 0, not 0/0.
+    """
+    require_tensor("load", load, "[experts]")
+    if load.dim() != 1 or not load.numel():
+        raise ValueError(f"load must be one count per expert [experts], got shape {tuple(load.shape)}: "
+                         "pass expert_load(indices, n_experts)")
     mean = load.float().mean()
+    if mean == 0:
+        return mean.clone()
     return (load.max() - mean) / mean
 
 
@@ -39,6 +54,13 @@ def update_bias(bias: Tensor, load: Tensor, gamma: float) -> Tensor:
     Overloaded experts get a lower bias, idle ones a higher bias (V3 §2.1.2, where the speed is
     called ``gamma``; the paper's Algorithm 1 calls it ``u``). Returns a new tensor.
     """
+    require_tensor("bias", bias, "[experts]")
+    require_tensor("load", load, "[experts]")
+    if bias.dim() != 1 or load.shape != bias.shape:
+        raise ValueError(f"bias and load must both be [experts] of the same length, got bias {tuple(bias.shape)} "
+                         f"and load {tuple(load.shape)}: pass expert_load(indices, n_experts) for the layer's bias")
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0 (the bias update speed), got {gamma!r}")
     return bias + gamma * torch.sign(load.float().mean() - load.float()).to(bias.dtype)
 
 
@@ -65,8 +87,11 @@ def expert_level_aux_loss(scores: Tensor, indices: Tensor, n_experts: int, alpha
     Returns:
         A scalar tensor.
     """
+    _check_loss_inputs(scores, indices, n_experts)
     scores = normalized_scores(scores.reshape(-1, n_experts))  # (T, E)
     n_tokens, top_k = scores.shape[0], indices.shape[-1]
+    if n_tokens == 0:
+        return scores.sum() * 0.0  # no token, no imbalance (keeps the graph)
     f = expert_load(indices, n_experts).to(scores.dtype) * n_experts / (top_k * n_tokens)  # (E,)
     p = scores.mean(dim=0)  # (E,)
     return alpha * (f * p).sum()
@@ -89,11 +114,31 @@ def sequence_wise_aux_loss(scores: Tensor, indices: Tensor, n_experts: int, alph
     Returns:
         A scalar tensor: the mean of ``L_Bal`` over the ``B`` sequences.
     """
+    _check_loss_inputs(scores, indices, n_experts)
+    if scores.dim() not in (2, 3) or indices.dim() != scores.dim():
+        raise ValueError(f"scores and indices must be [batch, tokens, ...] or [tokens, ...] alike, got scores "
+                         f"{tuple(scores.shape)} and indices {tuple(indices.shape)}")
     if scores.dim() == 2:
         scores, indices = scores.unsqueeze(0), indices.unsqueeze(0)
     _, n_tokens, _ = scores.shape
     top_k = indices.shape[-1]
+    if n_tokens == 0:
+        return scores.sum() * 0.0  # no token, no imbalance (keeps the graph)
     chosen = F.one_hot(indices, n_experts).sum(dim=-2).to(scores.dtype)  # (B, T, E) 0/1
     f = chosen.sum(dim=1) * n_experts / (top_k * n_tokens)  # (B, E)
     p = normalized_scores(scores).mean(dim=1)  # (B, E)
     return alpha * (f * p).sum(dim=-1).mean()
+
+
+def _check_loss_inputs(scores: Tensor, indices: Tensor, n_experts: int) -> None:
+    """Scores (..., E) float and indices (..., k) expert ids over the same tokens."""
+    require_tensor("scores", scores, "[..., tokens, experts]")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be floating-point affinities, got {scores.dtype}: pass the router's scores")
+    if scores.dim() == 0 or scores.shape[-1] != n_experts:
+        raise ValueError(f"scores must end in n_experts={n_experts}, got shape {tuple(scores.shape)}: pass the "
+                         "affinities of every expert, or the matching n_experts")
+    check_expert_ids("indices", indices, n_experts, rank=None)
+    if indices.dim() == 0 or indices.shape[:-1] != scores.shape[:-1]:
+        raise ValueError(f"indices {tuple(indices.shape)} must cover the same tokens as scores "
+                         f"{tuple(scores.shape)} (all dims but the last equal): pass the experts chosen for these scores")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers.inputs import check_moe_input
 from helpers.layers import SwiGLU
 from helpers.moe.balancing import (
     expert_level_aux_loss,
@@ -151,8 +152,10 @@ class DeepSeekMoE(nn.Module):
         """``u`` (B, T, H) (any leading dims) -> the FFN output (B, T, H), without the residual.
 
         Side effects: ``self.last_stats``, ``self.aux_loss``, and (in training mode) the load counted
-        towards the next :meth:`update_bias`.
+        towards the next :meth:`update_bias`. Bad input (shape, dtype, device, NaN or inf) raises before
+        any of them changes (:func:`helpers.inputs.check_moe_input`).
         """
+        check_moe_input(self, u)
         shape = u.shape
         x = u.reshape(-1, self.hidden_size)  # (T, H) with T = all tokens
         dtype = router_dtype(x.dtype)

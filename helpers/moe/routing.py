@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from helpers.inputs import check_expert_ids, check_scores, require_tensor
 from helpers.utils import validate_routing
 
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -35,6 +36,10 @@ def affinity(logits: Tensor, scoring_func: str) -> Tensor:
     Returns:
         s: (T, E) affinities.
     """
+    require_tensor("logits", logits, "[tokens, experts]")
+    if logits.dim() == 0 or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating-point router logits [tokens, experts], got {logits.dtype} "
+                        f"{tuple(logits.shape)}: compute them as u @ gate_weight.T")
     logits = logits.to(router_dtype(logits.dtype))
     if scoring_func == "softmax":
         return logits.softmax(dim=-1)
@@ -64,6 +69,7 @@ def select_experts(scores_for_choice: Tensor, top_k: int, n_group: int = 1, topk
     Returns:
         indices: (T, top_k) expert ids, in no particular order (compare sets, not order).
     """
+    check_scores("scores_for_choice", scores_for_choice)
     n_tokens, n_experts = scores_for_choice.shape
     if group_score not in GROUP_SCORES:
         raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
@@ -100,6 +106,10 @@ def gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed
     Returns:
         weights: (T, k), aligned with ``indices``.
     """
+    check_scores("scores", scores)
+    check_expert_ids("indices", indices, scores.shape[1], tokens=scores.shape[0])
+    if not routed_scaling_factor > 0:
+        raise ValueError(f"routed_scaling_factor must be positive, got {routed_scaling_factor!r}")
     weights = scores.gather(1, indices)  # (T, k)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -127,6 +137,12 @@ def route(logits: Tensor, *, scoring_func: str, top_k: int, n_group: int = 1, to
     Returns:
         (weights (T, k), indices (T, k)).
     """
+    check_scores("logits", logits)
+    if bias is not None:
+        require_tensor("bias", bias, f"[experts={logits.shape[1]}]")
+        if tuple(bias.shape) != (logits.shape[1],):
+            raise ValueError(f"bias must be one value per expert [{logits.shape[1]}], got shape {tuple(bias.shape)}: "
+                             "pass the layer's bias (E,)")
     scores = affinity(logits, scoring_func)  # (T, E)
     scores_for_choice = scores if bias is None else scores + bias.to(scores.dtype)
     indices = select_experts(scores_for_choice.detach(), top_k, n_group, topk_group,

@@ -1,0 +1,252 @@
+"""Argument checks shared by every public entry point: one message style, raised before any work or state change.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, size,
+range or value) whose message names the argument, says what was expected and what came, and gives the fix.
+The layers call one function each at the top of ``forward`` (:func:`check_moe_input`,
+:func:`check_attention_input`, :func:`check_input_ids`); the routing and balancing functions call
+:func:`check_scores` and :func:`check_expert_ids`; the commands use the ``argparse`` types
+(:func:`positive_int`, :func:`non_negative_int`, :func:`positive_float`, :func:`output_path`); configs use
+:func:`closest_name` for mistyped fields.
+
+NaN policy: the MoE layer refuses a router input holding NaN or an infinity (``ValueError``, before any
+statistic changes). ``topk`` over NaN scores picks experts arbitrarily, so the load counters that steer the
+bias update would otherwise count noise. Attention layers do not scan their input (NaN propagates to the
+output, as in PyTorch), and the routing functions do not either: they are pure and change no state.
+
+This module imports only ``torch`` (no ``transformers``), so the layers stay quick to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import pathlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def closest_name(name: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` with the closest valid name, or ``""`` if none is close."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def require_tensor(name: str, x: Any, layout: str) -> None:
+    """``TypeError`` if ``x`` is not a tensor; ``layout`` (e.g. ``"[batch, tokens, 64]"``) says what is wanted."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}; "
+                        f"convert it with torch.as_tensor({name}, dtype=torch.float32)")
+
+
+def check_float_like(name: str, x: Tensor, weight: Tensor, owner: str = "the layer") -> None:
+    """``TypeError``/``ValueError`` unless ``x`` has the dtype and device of ``weight`` (the layer's weights)."""
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor ({weight.dtype}, like {owner}'s weights), got "
+                        f"{x.dtype}; token ids go through an embedding first, else use {name}.to({weight.dtype})")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {owner}'s weights are {weight.dtype}: use "
+                        f"{name}.to({weight.dtype}) or move {owner} with .to({x.dtype})")
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but {owner}'s weights are on {weight.device}: use "
+                         f"{name}.to('{weight.device}') or move {owner} with .to('{x.device}')")
+
+
+def check_hidden(name: str, x: Any, hidden_size: int, weight: Tensor, *, rank: int | None = None,
+                 min_rank: int = 1, layout: str | None = None, owner: str = "the layer") -> None:
+    """Check an activation ``x``: a tensor of ``rank`` (or at least ``min_rank``) dims, last dim ``hidden_size``,
+    with ``weight``'s dtype and device."""
+    layout = layout or f"[..., hidden_size={hidden_size}]"
+    require_tensor(name, x, layout)
+    if rank is not None and x.dim() != rank:
+        fix = f"add the batch dim with {name}.unsqueeze(0)" if x.dim() == rank - 1 else f"reshape it to {layout}"
+        raise ValueError(f"{name} must have {rank} dims {layout}, got shape {_shape(x)}: {fix}")
+    if x.dim() < min_rank:
+        raise ValueError(f"{name} must have at least {min_rank} dims {layout}, got shape {_shape(x)}: "
+                         f"reshape it to {layout}")
+    if x.shape[-1] != hidden_size:
+        raise ValueError(f"{name}'s last dim must be hidden_size={hidden_size} ({owner} was built for it), got "
+                         f"{x.shape[-1]} in shape {_shape(x)}: pass activations of width {hidden_size} or build "
+                         f"{owner} with hidden_size={x.shape[-1]}")
+    check_float_like(name, x, weight, owner)
+
+
+def check_finite(name: str, x: Tensor, why: str) -> None:
+    """``ValueError`` if ``x`` holds NaN or an infinity (``why``: what it would corrupt)."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise ValueError(f"{name} holds {n_nan} NaN and {n_inf} infinite value(s) of {x.numel()}; {why}. Find the "
+                         f"step that produced them (e.g. torch.autograd.set_detect_anomaly(True)), or lower the "
+                         f"learning rate")
+
+
+def check_moe_input(layer: Any, u: Any) -> None:
+    """The DeepSeekMoE layer's entry check: ``u (..., T, H)`` float like ``gate_weight``, finite (see NaN policy)."""
+    check_hidden("u", u, layer.hidden_size, layer.gate_weight, min_rank=2,
+                 layout=f"[batch, tokens, hidden_size={layer.hidden_size}] (or [tokens, hidden_size])",
+                 owner="the MoE layer")
+    check_finite("u", u, "top-k over NaN scores picks arbitrary experts and would count them in the load "
+                         "statistics that steer the bias")
+
+
+def check_attention_input(layer: Any, x: Any, cache: Any, cache_type: type, *, dense: bool = False,
+                          absorb: Any = None) -> None:
+    """MLA / DSA entry check: ``x (B, T, H)`` like the weights; ``cache`` of ``cache_type`` that fits the layer.
+
+    ``dense``: the layer fills no indexer keys, so it refuses DSA's cache (one with an ``indexer``), which it
+    would leave inconsistent.
+    """
+    owner = type(layer).__name__
+    check_hidden("x", x, layer.hidden_size, layer.wkv_a.weight, rank=3,
+                 layout=f"[batch, tokens, hidden_size={layer.hidden_size}]", owner=owner)
+    if absorb is not None and not isinstance(absorb, bool):
+        raise TypeError(f"absorb must be True, False or None (the layer's default), got {absorb!r}")
+    if cache is None:
+        return
+    want = cache_type.__name__
+    if not isinstance(cache, cache_type) or (dense and hasattr(cache, "indexer")):
+        raise ValueError(f"cache must be a {want} for {owner}, got {type(cache).__name__}: create one with "
+                        f"{want}() and pass the same object at every step")
+    b, t = x.shape[0], x.shape[1]
+    if cache.max_length is not None and cache.length + t > cache.max_length:
+        raise ValueError(f"cache is full: it holds {cache.length} of max_length={cache.max_length} tokens and x "
+                         f"brings {t} more; create the cache with a larger max_length")
+    if cache.length == 0:
+        return
+    c_kv, k_rope = cache.c_kv, cache.k_rope
+    if c_kv.shape[0] != b:
+        raise ValueError(f"cache holds a batch of {c_kv.shape[0]} sequences but x has batch {b}: continue a cache "
+                         f"with the same batch, or start a new {want}() for a new batch")
+    widths = (c_kv.shape[-1], k_rope.shape[-1])
+    if widths != (layer.kv_lora_rank, layer.qk_rope_head_dim):
+        raise ValueError(f"cache was filled by another layer: it holds (d_c, d_h^R) = {widths}, this layer has "
+                         f"({layer.kv_lora_rank}, {layer.qk_rope_head_dim}); use one cache per layer")
+    if c_kv.dtype != x.dtype or c_kv.device != x.device:
+        raise TypeError(f"cache holds {c_kv.dtype} on {c_kv.device} but x is {x.dtype} on {x.device}: continue a "
+                        f"cache in the dtype and device it was started with")
+
+
+def check_input_ids(input_ids: Any, vocab_size: int, caches: Any, n_layers: int, cache_type: type) -> None:
+    """DeepSeekV3's entry check: ``input_ids (B, T)`` long ids in ``[0, vocab_size)``; one cache per block."""
+    require_tensor("input_ids", input_ids, "[batch, tokens] of token ids")
+    if input_ids.dtype != torch.long:
+        raise TypeError(f"input_ids must be a LongTensor [batch, tokens], got {input_ids.dtype}: use "
+                        "input_ids.long() (token ids, not embeddings)")
+    if input_ids.dim() != 2:
+        fix = "add the batch dim with input_ids.unsqueeze(0)" if input_ids.dim() == 1 else "reshape it to [batch, tokens]"
+        raise ValueError(f"input_ids must be a LongTensor [batch, tokens], got shape {_shape(input_ids)}: {fix}")
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids must be token ids in [0, vocab_size={vocab_size}), got {bad}: encode with "
+                             "the model's tokenizer, or build the model with a larger vocab_size")
+    if caches is None:
+        return
+    if not isinstance(caches, (list, tuple)) or len(caches) != n_layers:
+        got = f"a {type(caches).__name__} of {len(caches)}" if isinstance(caches, (list, tuple)) else type(caches).__name__
+        raise TypeError(f"caches must be a list of {n_layers} {cache_type.__name__} (one per decoder block), got "
+                        f"{got}: [{cache_type.__name__}() for _ in model.layers]")
+    for i, cache in enumerate(caches):
+        if not isinstance(cache, cache_type):
+            raise TypeError(f"caches[{i}] must be a {cache_type.__name__}, got {type(cache).__name__}: "
+                            f"[{cache_type.__name__}() for _ in model.layers]")
+    if len({cache.length for cache in caches}) > 1:
+        raise ValueError(f"caches hold different lengths {[c.length for c in caches]}: a failed or partial call "
+                         "left them apart; start new caches")
+
+
+def check_scores(name: str, x: Any, n_experts: int | None = None) -> None:
+    """A (T, E) floating tensor of scores or logits (``n_experts``: the required ``E``)."""
+    require_tensor(name, x, "[tokens, experts]")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be [tokens, experts], got shape {_shape(x)}: flatten the leading dims with "
+                         f"{name}.reshape(-1, {name}.shape[-1])")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}: use {name}.float()")
+    if n_experts is not None and x.shape[1] != n_experts:
+        raise ValueError(f"{name} must have {n_experts} experts in its last dim, got shape {_shape(x)}: route with "
+                         "the same expert count everywhere")
+
+
+def check_expert_ids(name: str, ids: Any, n_experts: int, *, tokens: int | None = None, rank: int | None = 2) -> None:
+    """Integer expert ids ``(T, k)`` in ``[0, n_experts)`` (``tokens``: the required ``T``)."""
+    require_tensor(name, ids, "[tokens, k] of expert ids")
+    if not isinstance(n_experts, int) or isinstance(n_experts, bool) or n_experts <= 0:
+        raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of expert ids, got {ids.dtype}: pass the indices from "
+                        "topk (.indices), not the values, or use .long()")
+    if rank is not None and ids.dim() != rank:
+        raise ValueError(f"{name} must be [tokens, k] expert ids, got shape {_shape(ids)}: reshape it to (-1, k)")
+    if tokens is not None and ids.shape[0] != tokens:
+        raise ValueError(f"{name} has {ids.shape[0]} tokens but the scores have {tokens}: pass the indices chosen "
+                         "for these same tokens")
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= n_experts:
+            raise ValueError(f"{name} must be expert ids in [0, {n_experts}), got {low if low < 0 else high}: route "
+                             f"with n_experts={n_experts}, or pass the expert count the ids were chosen from")
+
+
+# ---- argparse types: a bad option stops the command with "argument --x: ..." before any work -------------
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
+
+
+def output_path(text: str) -> str:
+    """argparse type: a file path whose folder exists (so a long run does not fail when it saves)."""
+    path = pathlib.Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name inside it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {str(path.parent)!r} does not exist; create it first "
+                                         f"(mkdir -p {path.parent})")
+    return text
