@@ -7,10 +7,20 @@ written out from their papers and published configs, and instantiated only on th
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
-from transformers import DeepseekV2Config, DeepseekV3Config, DeepseekV32Config, LlamaConfig, MixtralConfig
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV3Config,
+    DeepseekV32Config,
+    LlamaConfig,
+    MixtralConfig,
+    PretrainedConfig,
+)
 
+from helpers.inputs import closest_name
 from helpers.utils import require_positive, validate_routing
 
 # Small enough for a laptop, big enough that every code path is exercised:
@@ -39,9 +49,17 @@ def tiny_config(version: str = "v3", **overrides: Any) -> DeepseekV3Config | Dee
         **overrides: any config field, e.g. ``q_lora_rank=None`` or ``n_group=1``.
 
     ``num_key_value_heads`` always equals ``num_attention_heads`` (MLA has no KV-head grouping).
+    A field the config class does not know (a typo: ``n_routed_expert``) is refused with the closest name;
+    negative counts and rates are refused (:func:`validate_deepseek_fields`).
     """
     if version not in ("v2", "v3", "v32"):
-        raise ValueError(f"version must be 'v2', 'v3' or 'v32', got {version!r}")
+        raise ValueError(f"version must be 'v2', 'v3' or 'v32', got {version!r}{closest_name(str(version), ('v2', 'v3', 'v32'))}")
+    cls = {"v3": DeepseekV3Config, "v2": DeepseekV2Config, "v32": DeepseekV32Config}[version]
+    known = config_fields(cls)
+    for name in overrides:
+        if name not in known:
+            raise ValueError(f"{cls.__name__} has no field {name!r}{closest_name(name, known)}; a mistyped field "
+                             "would be stored and silently ignored, so it is refused")
     fields = dict(TINY_V3)
     if version == "v2":
         fields.pop("rope_interleave")
@@ -52,16 +70,44 @@ def tiny_config(version: str = "v3", **overrides: Any) -> DeepseekV3Config | Dee
     fields.update(overrides)
     fields["num_key_value_heads"] = fields["num_attention_heads"]
     validate_deepseek_fields(fields)
-    cls = {"v3": DeepseekV3Config, "v2": DeepseekV2Config, "v32": DeepseekV32Config}[version]
     return cls(**fields, attn_implementation="eager", experts_implementation="eager")
 
 
+@functools.cache
+def config_fields(cls: type) -> frozenset[str]:
+    """Every field name ``cls`` (a ``transformers`` config class) knows: its arguments and its defaults."""
+    names = set(cls().to_dict())
+    for owner in (cls, PretrainedConfig):
+        names |= set(inspect.signature(owner.__init__).parameters)
+    names |= {"attn_implementation", "experts_implementation", "num_mtp_layers"}
+    return frozenset(names - {"self", "kwargs"})
+
+
 def validate_deepseek_fields(fields: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the field if a DeepSeek config cannot describe a working model."""
+    """Raise ``ValueError`` naming the field if a DeepSeek config cannot describe a working model.
+
+    Sizes must be positive integers, counts that may be zero (shared experts, dense layers, MTP modules)
+    non-negative integers, and rates (``routed_scaling_factor``, ``rms_norm_eps``) positive numbers.
+    """
     require_positive(**{k: fields.get(k) for k in (
         "hidden_size", "num_attention_heads", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
         "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
-        "moe_intermediate_size", "num_hidden_layers", "n_group", "topk_group")})
+        "moe_intermediate_size", "num_hidden_layers", "n_group", "topk_group", "vocab_size",
+        "intermediate_size", "max_position_embeddings", "index_topk", "index_n_heads", "index_head_dim")})
+    for name in ("n_shared_experts", "first_k_dense_replace", "num_mtp_layers"):
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{name} must be a non-negative integer (0 turns it off), got {value!r}")
+    for name, low in (("routed_scaling_factor", 0.0), ("rms_norm_eps", 0.0), ("initializer_range", None),
+                      ("attention_dropout", None)):
+        value = fields.get(name)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            value > low if low is not None else value >= 0)
+        if not ok or value != value:
+            want = "a positive number" if low is not None else "a number >= 0"
+            raise ValueError(f"{name} must be {want}, got {value!r}")
     if fields.get("qk_rope_head_dim", 2) % 2:
         raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {fields['qk_rope_head_dim']}")
     validate_routing(fields.get("n_routed_experts", 1), fields.get("num_experts_per_tok", 1),

@@ -48,3 +48,12 @@ def check_config(config: Any) -> None:
     if not isinstance(config.num_mtp_layers, int) or config.num_mtp_layers < 0:
         raise ValueError(f"num_mtp_layers must be a non-negative integer, got {config.num_mtp_layers!r}")
     validate_routing(config.n_routed_experts, config.num_experts_per_tok, config.n_group or 1, config.topk_group or 1)
+    from helpers.configs import config_fields, validate_deepseek_fields  # late: keeps this module light
+    from helpers.inputs import closest_name
+
+    known, fields = config_fields(type(config)), config.to_dict()
+    for name in fields:  # an unknown field close to a known one is a typo that transformers stores and ignores
+        if name not in known and closest_name(name, known):
+            raise ValueError(f"config has an unknown field {name!r}{closest_name(name, known)}: it would be ignored; "
+                             "rename it")
+    validate_deepseek_fields(fields)
