@@ -25,6 +25,8 @@ through the checker, so a test can prove that each one gets its own message.
 
 from __future__ import annotations
 
+import inspect
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +160,47 @@ class Checker:
         more = f"\n  Stuck? `{self.checker_name or 'check_' + self.name}.show_hint()` prints the full hint." if self.hint else ""
         return f"{self.name} is still the exercise stub: replace `raise NotImplementedError` with your code.{nudge}{more}"
 
+    def _call_name(self) -> str:
+        return self.checker_name or f"check_{self.name}"
+
+    def _expected_call(self, kwargs: dict[str, Any]) -> str:
+        """``name(a, b)``: the reference's parameters that the cases pass, in the reference's order."""
+        try:
+            order = list(inspect.signature(self.reference).parameters)
+        except (TypeError, ValueError):
+            order = []
+        names = [n for n in order if n in kwargs] + [n for n in kwargs if n not in order]
+        return f"{self.name}({', '.join(names)})"
+
+    def _argument_problem(self, fn: Any, kwargs: dict[str, Any]) -> str | None:
+        """What is wrong with the object passed to the checker itself, before any case runs (``None``: nothing)."""
+        if not callable(fn):
+            return (f"{self._call_name()} checks a function, but got a {type(fn).__name__} (the result of calling "
+                    f"it?): pass the function, e.g. `{self._call_name()}({self.name})`")
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin or C function: let the cases speak
+            return None
+        try:
+            signature.bind(**kwargs)
+        except TypeError:
+            got = getattr(fn, "__name__", type(fn).__name__)
+            return (f"expected `{self._expected_call(kwargs)}`, but the function passed is `{got}{signature}`: "
+                    "define it with these parameter names (the checker calls it with keywords)")
+        return None
+
+    def _learner_exception(self, fn: Callable[..., Any], exc: Exception) -> str:
+        """``exc`` in the learner's terms: its type and message, and the line of their function that raised it."""
+        where = ""
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == code.co_filename]
+            if frames:
+                last = frames[-1]
+                line = f" (`{last.line.strip()}`)" if last.line else ""
+                where = f" at line {last.lineno - code.co_firstlineno + 1} of {last.name}{line}"
+        return f"it raised {type(exc).__name__}{where}: {exc}"
+
     def show_hint(self) -> None:
         """Print the full hint (the exercise cell has only a first nudge)."""
         print(f"Hint for {self.name}:\n{self.hint or self.nudge or 'no hint for this one: compare with the text above.'}")
@@ -170,12 +213,16 @@ class Checker:
         then spoil the reference's inputs.
         """
         for i, case in enumerate(self.cases()):
+            if i == 0:
+                problem = self._argument_problem(fn, case.kwargs)
+                if problem is not None:
+                    return problem
             try:
                 got = fn(**case.kwargs)
             except NotImplementedError:
                 return self._stub_message()
-            except Exception as exc:  # a learner's bug: report it in words, with the case
-                return str(self._fail(case, f"it raised {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # a learner's bug: report it in words, with the case and their line
+                return str(self._fail(case, self._learner_exception(fn, exc)))
             got = self._norm(got)
             want = self._norm(self.reference(**self.cases()[i].kwargs))
             difference = describe_difference(got, want, atol=self.atol, rtol=self.rtol)
