@@ -159,8 +159,81 @@ def sum_parts(parts: list[Tensor], like: Tensor) -> Tensor:
     return total
 
 
+PATHS = ("auto", "loop", "sorted")
+FORCE_PATH: str | None = None
+"""Set to ``"loop"`` or ``"sorted"`` to make every :func:`dispatch` take that path (tests do)."""
+LOOP_MAX_PAIRS_PER_EXPERT = 2
+"""``auto`` runs :func:`loop_dispatch` up to ``2 * E`` (token, expert) pairs (most chosen experts hold 1-2 rows)."""
+POOL_MIN_PAIRS_PER_EXPERT = 48
+"""``auto`` shares the experts over the thread pool from ``48 * E`` pairs on (48 rows per expert on average)."""
+
+
+def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int | None = None) -> tuple[str, int]:
+    """Which way :func:`dispatch` computes ``n_pairs`` (token, expert) pairs: ``(path, n_workers)``.
+
+    ``FORCE_PATH`` wins, then an explicit ``path``. ``"auto"`` chooses by the work's size, in rows
+    per expert on average (``n_pairs / E``):
+
+    - up to :data:`LOOP_MAX_PAIRS_PER_EXPERT`: :func:`loop_dispatch`. Each chosen expert holds one or
+      two rows, its matmuls are matrix-vector products bound by reading its weights, and a sort plus
+      a host sync of ``E + 1`` bounds cost more than they save;
+    - up to :data:`POOL_MIN_PAIRS_PER_EXPERT`: the sorted dispatch, each expert's matmuls split over
+      the machine's threads (``n_workers = 1``: one part, no thread pool);
+    - beyond: the sorted dispatch with whole experts per thread (the thread pool), which saves a
+      synchronisation of all threads per matmul once the matmuls are big.
+
+    An explicit ``n_workers`` asks for the sorted dispatch with that many parts.
+    """
+    path = FORCE_PATH or path
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}; use 'auto' to choose by the work's size")
+    if n_workers is not None:
+        return ("loop" if path == "loop" else "sorted"), n_workers
+    if path == "loop" or (path == "auto" and n_pairs <= LOOP_MAX_PAIRS_PER_EXPERT * n_experts):
+        return "loop", 1
+    if path == "sorted" or n_pairs >= POOL_MIN_PAIRS_PER_EXPERT * n_experts:
+        return "sorted", torch.get_num_threads()
+    return "sorted", 1
+
+
+def loop_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """:func:`dispatch` for a few tokens: a Python loop over the chosen experts, plain autograd (V3 eq. 12).
+
+    No sort and no thread pool: one host sync reads the ``T*k`` expert ids, the pairs are grouped by
+    expert in Python, and each chosen expert runs ``F.linear`` on views of the stacked weights
+    (``w_gate_up[e]``, ``w_down[e]``: no copy) over its rows; one ``index_add`` adds the ``g``-weighted
+    outputs back to their tokens. Every expert's weights are read once, the least any path can read.
+    Arguments and result as in :func:`dispatch`; gradients come from autograd.
+    """
+    n_experts, n_inter, top_k = w_gate_up.shape[0], w_down.shape[-1], indices.shape[1]
+    flat = indices.reshape(-1).tolist()  # T*k expert ids: the one host sync
+    if flat and not 0 <= min(flat) <= max(flat) < n_experts:
+        bad = max(flat) if max(flat) >= n_experts else min(flat)
+        raise ValueError(f"indices must be expert ids in [0, {n_experts}), got {bad}; "
+                         "route with the layer's n_routed_experts")
+    pairs_of: dict[int, list[int]] = {}
+    for pair, e in enumerate(flat):
+        pairs_of.setdefault(e, []).append(pair)
+    outs, order = [], []
+    for e, pairs in pairs_of.items():
+        tokens = [pair // top_k for pair in pairs]
+        x = (u[tokens[0]:tokens[0] + 1] if len(tokens) == 1
+             else u.index_select(0, torch.tensor(tokens, device=u.device)))  # (n_e, H)
+        gate, up = F.linear(x, w_gate_up[e]).split(n_inter, dim=-1)  # (n_e, I) each
+        outs.append(F.linear(F.silu(gate) * up, w_down[e]))  # (n_e, H)
+        order += pairs
+    if not outs:
+        return torch.zeros_like(u)
+    pair_ids = torch.tensor(order, device=u.device)  # (T*k,) pairs in the order of ``outs``
+    g = weights.reshape(-1).index_select(0, pair_ids).to(u.dtype)  # (T*k,)
+    o = torch.cat(outs) * g[:, None]  # (T*k, H)
+    if u.shape[0] == 1:
+        return o.sum(0, keepdim=True)  # (1, H)
+    return torch.zeros_like(u).index_add(0, torch.div(pair_ids, top_k, rounding_mode="floor"), o)  # (T, H)
+
+
 def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
-             n_workers: int | None = None) -> Tensor:
+             n_workers: int | None = None, path: str = "auto") -> Tensor:
     """``sum_i g_{i,t} FFN_i(u_t)`` over the chosen experts, computed expert by expert (V3 eq. 12).
 
     The efficient way (notebook 11): sort the ``T*k`` (token, expert) pairs by expert once, run each
@@ -176,16 +249,22 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
         indices: (T, k) chosen experts.
         w_gate_up: (E, 2I, H) fused gate and up projections (gate rows first), like ``transformers``.
         w_down: (E, H, I) down projections.
-        n_workers: threads to share the experts over; default ``torch.get_num_threads()``.
+        n_workers: threads to share the experts over (sorted path); default: :func:`choose_path`'s.
+        path: ``"auto"`` (choose by the work's size, :func:`choose_path`), ``"loop"`` (:func:`loop_dispatch`)
+            or ``"sorted"`` (the sorted dispatch above, thread pool of the machine's threads);
+            all give the same numbers.
 
     Returns:
         (T, H), in ``u``'s dtype.
     """
-    n_workers = torch.get_num_threads() if n_workers is None else n_workers
-    require_positive(n_workers=n_workers)
+    if n_workers is not None:
+        require_positive(n_workers=n_workers)
     if weights.shape != indices.shape or indices.shape[0] != u.shape[0]:
         raise ValueError(f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be (T, k) "
                          f"with T = {u.shape[0]}, the rows of u")
+    path, n_workers = choose_path(indices.numel(), w_gate_up.shape[0], path, n_workers)
+    if path == "loop":
+        return loop_dispatch(u, weights, indices, w_gate_up, w_down)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
     return _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]
