@@ -30,3 +30,10 @@ def test_committed_checkpoint_is_small_recorded_and_loads():
     assert len(model.mtp) == 1
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5)
     assert out.shape == (1, 8)
+
+
+def test_committed_checkpoint_readme_is_generated_from_its_record():
+    from helpers.model.train import readme_text
+
+    assert (CHECKPOINT / "README.md").read_text() == readme_text(CHECKPOINT), (
+        "regenerate it: python -m helpers.model.train readme notebooks/results/tiny_deepseek_v3")

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
+import statistics
+import time
 
 import torch
 
@@ -67,26 +70,172 @@ def training_benchmark(fields: dict, batch: int, seq: int, repeats: int, warmup:
                      config=dict(fields, batch=batch, seq=seq, step="forward+backward+AdamW"))
 
 
-def decode_benchmark(fields: dict, contexts: list[int], new_tokens: int, repeats: int, warmup: int):
-    """ms per new token for each prompt length: ``{context: BenchResult}``."""
+class SplitTimer:
+    """Wall time spent inside groups of modules (forward pre-hook to forward hook), summed per group.
+
+    On a CPU every op is synchronous, so ``perf_counter`` around a module's forward is its time. The hooks
+    cost two clock reads per call (a few microseconds per step here): every variant carries them alike.
+    """
+
+    def __init__(self, groups: dict[str, list[torch.nn.Module]]) -> None:
+        self.seconds = dict.fromkeys(groups, 0.0)
+        self._start: dict[int, float] = {}
+        self._handles = []
+        for name, modules in groups.items():
+            for m in modules:
+                self._handles.append(m.register_forward_pre_hook(self._enter))
+                self._handles.append(m.register_forward_hook(functools.partial(self._leave, name)))
+
+    def _enter(self, module, args) -> None:
+        self._start[id(module)] = time.perf_counter()
+
+    def _leave(self, name, module, args, output) -> None:
+        self.seconds[name] += time.perf_counter() - self._start.pop(id(module))
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _timed(fn, timer: SplitTimer, splits: list[dict]):
+    """``fn`` wrapped so that each call also records the timer's per-group seconds of that call."""
+    def run():
+        timer.reset()
+        start = time.perf_counter()
+        fn()
+        splits.append(dict(timer.seconds, total=time.perf_counter() - start))
+    return run
+
+
+def _ours_groups(model) -> dict[str, list[torch.nn.Module]]:
+    return {"attention": [b.attn for b in model.layers], "moe": [b.ffn for b in model.layers if b.is_moe]}
+
+
+def _hf_groups(hf) -> dict[str, list[torch.nn.Module]]:
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    return {"attention": [layer.self_attn for layer in hf.model.layers],
+            "moe": [layer.mlp for layer in hf.model.layers if isinstance(layer.mlp, DeepseekV3MoE)]}
+
+
+@torch.no_grad()
+def _prefill_ours(model, ids, chunk: int):
+    """Our latent caches holding ``ids (1, P)``, filled ``chunk`` tokens at a time (bounded memory)."""
+    from helpers.model.generate import new_caches
+
+    caches = new_caches(len(model.layers))
+    for s in range(0, ids.shape[1], chunk):
+        model.hidden(ids[:, s: s + chunk], caches)
+    return caches
+
+
+@torch.no_grad()
+def _prefill_hf(hf, ids, chunk: int):
+    """A ``DynamicCache`` holding ``ids (1, P)``, filled through ``transformers``' forward ``chunk`` tokens at a time.
+
+    Eager attention materialises ``(heads, T, S)`` scores: one 16k-token prefill would need about 4 GB per
+    layer, so long prompts go in chunks through the cache (the same result, bounded memory).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf.config)
+    for s in range(0, ids.shape[1], chunk):
+        hf(ids[:, s: s + chunk], past_key_values=cache, use_cache=True)
+    return cache
+
+
+def decode_benchmark(fields: dict, contexts: list[int], new_tokens: int, repeats: int, warmup: int,
+                     long_repeats: int | None = None, chunk: int = 1024) -> dict:
+    """ms per new token after each prompt length, split into attention, MoE and the rest.
+
+    The prompt minus its last token is prefilled once per length (not timed); each timed run crops the cache
+    back to it and generates ``new_tokens`` greedy tokens: ``new_tokens`` forward steps of one token (the last
+    prompt token, then the new tokens but the last), for ours (:func:`helpers.model.generate.decode`,
+    absorbed and naive) and for ``transformers`` ``generate`` given the prefilled ``DynamicCache``.
+
+    Returns:
+        ``{context: {"result": BenchResult, "split": {variant: {"attention", "moe", "rest", "total"} ms per
+        token (medians)}, "same_tokens": bool}}``; prompts of 16k tokens and more use ``long_repeats``.
+    """
     from helpers.configs import tiny_config
     from helpers.model import DeepSeekV3
+    from helpers.model.generate import crop, decode
     from helpers.model.hf import model_to_hf
 
     torch.manual_seed(0)
     ours = DeepSeekV3(tiny_config(**fields)).eval()
-    hf = model_to_hf(ours)
+    hf = model_to_hf(ours).eval()
     hf.generation_config.eos_token_id = None
+    timers = {"ours absorbed": SplitTimer(_ours_groups(ours)), "transformers": SplitTimer(_hf_groups(hf))}
+    timers["ours naive"] = timers["ours absorbed"]  # the same modules: runs never overlap
     results = {}
     for context in contexts:
         ids = torch.randint(0, fields["vocab_size"], (1, context))
-        variants = {"ours absorbed": lambda ids=ids: ours.generate(ids, new_tokens),
-                    "ours naive": lambda ids=ids: ours.generate(ids, new_tokens, absorb=False),
-                    "transformers": lambda ids=ids: hf.generate(ids, max_new_tokens=new_tokens, do_sample=False)}
+        caches, hf_cache = _prefill_ours(ours, ids[:, :-1], chunk), _prefill_hf(hf, ids[:, :-1], chunk)
+        outputs: dict[str, torch.Tensor] = {}
+
+        def ours_run(absorb: bool, name: str, ids=ids, caches=caches, context=context, outputs=outputs):
+            crop(caches, context - 1)
+            logits = ours.logits(ours.hidden(ids[:, -1:], caches, absorb)[:, -1])  # (1, V)
+            outputs[name] = decode(ours, logits, caches, new_tokens, absorb)
+
+        def hf_run(ids=ids, cache=hf_cache, context=context, outputs=outputs):
+            extra = cache.get_seq_length() - (context - 1)
+            if extra:
+                cache.crop(-extra)  # back to the prefilled prompt (this version takes tokens to remove)
+            outputs["transformers"] = hf.generate(ids, past_key_values=cache, max_new_tokens=new_tokens,
+                                                  do_sample=False)[:, context:]
+
+        splits: dict[str, list[dict]] = {name: [] for name in ("ours absorbed", "ours naive", "transformers")}
+        fns = {"ours absorbed": functools.partial(ours_run, True, "ours absorbed"),
+               "ours naive": functools.partial(ours_run, False, "ours naive"), "transformers": hf_run}
+        variants = {name: _timed(fn, timers[name], splits[name]) for name, fn in fns.items()}
+        n_repeats = long_repeats if long_repeats and context >= 16384 else repeats
         with torch.no_grad():
-            results[context] = benchmark(variants, baseline="transformers", repeats=repeats, warmup=warmup,
-                                         config=dict(context=context, new_tokens=new_tokens))
+            result = benchmark(variants, baseline="transformers", repeats=n_repeats, warmup=warmup,
+                               config=dict(context=context, new_tokens=new_tokens))
+        split = {}
+        for name, runs in splits.items():
+            timed = runs[-n_repeats:]  # the warm-up rounds come first
+            med = {k: 1e3 * statistics.median(r[k] for r in timed) / new_tokens for k in ("attention", "moe", "total")}
+            med["rest"] = med["total"] - med["attention"] - med["moe"]
+            split[name] = med
+        same = all(torch.equal(outputs["transformers"], outputs[n]) for n in ("ours absorbed", "ours naive"))
+        results[context] = {"result": result, "split": split, "same_tokens": same, "repeats": n_repeats}
+        del caches, hf_cache
+    for t in set(timers.values()):
+        t.remove()
     return results
+
+
+def summary(train, decode: dict, fields: dict, batch: int, seq: int, new_tokens: int) -> dict:
+    """The JSON record: medians, ratios, the decode split and each goal of issue 13 (met or not)."""
+    tokens = batch * seq
+    train_rows = {r["variant"]: {"median_ms": r["median_ms"], "tokens_per_s": tokens / (r["median_ms"] / 1e3),
+                                 "runs": r["runs"]} for r in train.rows()}
+    ms = {k: v["median_ms"] for k, v in train_rows.items()}
+    faster_hf = min(("transformers eager", "transformers grouped_mm"), key=ms.__getitem__)
+    decode_out = {str(c): {"split_ms_per_token": d["split"], "same_tokens": d["same_tokens"],
+                           "repeats": d["repeats"]} for c, d in decode.items()}
+    speedups = {str(c): d["split"]["transformers"]["total"] / d["split"]["ours absorbed"]["total"]
+                for c, d in decode.items()}
+    longest = str(max(decode))
+    goals = {
+        "train: ours >= 1.2x the faster transformers path": {
+            "value": ms[faster_hf] / ms["ours"], "versus": faster_hf, "met": ms[faster_hf] / ms["ours"] >= 1.2},
+        "train: ours <= 1.1x the dense model's time": {
+            "value": ms["ours"] / ms["dense, same activated"], "met": ms["ours"] / ms["dense, same activated"] <= 1.1},
+        "decode: ours absorbed never slower than transformers": {
+            "value": min(speedups.values()), "met": min(speedups.values()) >= 1.0},
+        f"decode: ours absorbed >= 2x transformers at {longest} tokens": {
+            "value": speedups[longest], "met": speedups[longest] >= 2.0},
+    }
+    return {"environment": environment_line(), "config": fields, "train_batch": [batch, seq],
+            "new_tokens": new_tokens, "train": train_rows, "decode": decode_out,
+            "decode_speedup_absorbed": speedups, "goals": goals}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,34 +246,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 16384])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--long-repeats", type=int, default=3, help="timed rounds for prompts of 16k tokens and more")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--save", default=None, help="write the medians as JSON")
+    parser.add_argument("--skip-train", action="store_true", help="decode only")
+    parser.add_argument("--save", default="notebooks/results/bench_model.json",
+                        help="write the medians, the split and the goals as JSON ('' to skip)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = SMALL_CONFIG if args.small else ISSUE_CONFIG
     print(environment_line())
-    train = training_benchmark(fields, args.batch, args.seq, args.repeats, args.warmup)
-    print(train)
-    tokens = args.batch * args.seq
-    for row in train.rows():
-        print(f"{row['variant']:24s} {tokens / (row['median_ms'] / 1e3):10.0f} tokens/s")
-    decode = decode_benchmark(fields, args.contexts, args.new_tokens, args.repeats, args.warmup)
-    for context, result in decode.items():
-        print(f"\nprompt {context} tokens, ms per new token:")
-        for row in result.rows():
-            print(f"  {row['variant']:14s} {row['median_ms'] / args.new_tokens:8.2f}  "
-                  f"({1 / row['ratio']:.2f}x transformers' speed)")
-    if args.save:
-        out = {"environment": environment_line(), "config": fields,
-               "train": {r["variant"]: {"median_ms": r["median_ms"], "tokens_per_s": tokens / (r["median_ms"] / 1e3)}
-                         for r in train.rows()},
-               "decode": {str(c): {r["variant"]: r["median_ms"] / args.new_tokens for r in res.rows()}
-                          for c, res in decode.items()}}
-        with open(args.save, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"saved to {args.save}")
+    start = time.perf_counter()
+    train = None
+    if not args.skip_train:
+        train = training_benchmark(fields, args.batch, args.seq, args.repeats, args.warmup)
+        print(train)
+        tokens = args.batch * args.seq
+        for row in train.rows():
+            print(f"{row['variant']:24s} {tokens / (row['median_ms'] / 1e3):10.0f} tokens/s")
+    decode = decode_benchmark(fields, args.contexts, args.new_tokens, args.repeats, args.warmup,
+                              long_repeats=args.long_repeats)
+    for context, d in decode.items():
+        print(f"\nprompt {context} tokens, ms per new token ({d['repeats']} timed runs; "
+              f"same tokens as transformers: {d['same_tokens']}):")
+        hf_total = d["split"]["transformers"]["total"]
+        for name, m in d["split"].items():
+            print(f"  {name:14s} {m['total']:7.2f} = attention {m['attention']:6.2f} + MoE {m['moe']:6.2f} + rest "
+                  f"{m['rest']:6.2f}   ({hf_total / m['total']:.2f}x transformers' speed)")
+    print(f"\nbenchmark took {time.perf_counter() - start:.0f} s")
+    if train is not None:
+        record = summary(train, decode, fields, args.batch, args.seq, args.new_tokens)
+        for goal, g in record["goals"].items():
+            print(f"{'met ' if g['met'] else 'MISSED'} {goal}: {g['value']:.2f}")
+        if args.save:
+            with open(args.save, "w") as f:
+                json.dump(record, f, indent=1)
+            print(f"saved to {args.save}")
 
 
 if __name__ == "__main__":

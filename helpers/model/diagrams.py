@@ -102,3 +102,40 @@ def plot_speed(labels, ms_per_token, title: str) -> None:
     ax = axes(title=title, xlabel="decoding variant", ylabel="ms per new token (median)")
     ax.bar(labels, ms_per_token, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][: len(labels)])
     plt.show()
+
+
+def plot_benchmark(record: dict) -> None:
+    """The saved ``python -m helpers.bench model`` record: decode split per context, training tokens/s.
+
+    Left: ms per new token against the prompt length, one stacked bar (attention, MoE, rest) per variant
+    and length. Right: training tokens/s per variant (forward + backward + AdamW step).
+    """
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    contexts = list(record["decode"])
+    variants = list(record["decode"][contexts[0]]["split_ms_per_token"])
+    width = 0.8 / len(variants)
+    parts = (("attention", "tab:blue"), ("moe", "tab:orange"), ("rest", "tab:gray"))
+    for v, name in enumerate(variants):
+        xs = [c + (v - (len(variants) - 1) / 2) * width for c in range(len(contexts))]
+        bottom = [0.0] * len(contexts)
+        for part, color in parts:
+            heights = [max(0.0, record["decode"][c]["split_ms_per_token"][name][part]) for c in contexts]
+            a.bar(xs, heights, width * 0.95, bottom=bottom, color=color, edgecolor="black", linewidth=0.4,
+                  hatch=("", "//", "..")[v % 3], label=part if v == 0 else None)
+            bottom = [x + h for x, h in zip(bottom, heights)]
+        for x, top in zip(xs, bottom):
+            a.text(x, top, name.replace("ours ", "").replace("transformers", "HF"), ha="center", va="bottom",
+                   fontsize=7, rotation=90)
+    a.set_xticks(range(len(contexts)), [f"{int(c):,}" for c in contexts])
+    axes(title=f"decode: ms per new token ({record['new_tokens']} new tokens)", xlabel="prompt length (tokens)",
+         ylabel="ms per new token (median)", ax=a)
+    a.legend(title="time in", loc="upper left")
+    names = list(record["train"])
+    b.bar(range(len(names)), [record["train"][n]["tokens_per_s"] for n in names],
+          color=["tab:blue", "tab:red", "tab:pink", "tab:green"][: len(names)])
+    b.set_xticks(range(len(names)), [n.replace("transformers ", "HF\n").replace(", ", "\n") for n in names],
+                 fontsize=8)
+    batch, seq = record["train_batch"]
+    axes(title=f"training step, {batch} x {seq} tokens", xlabel="variant", ylabel="tokens/s (median)", ax=b)
+    fig.tight_layout()
+    plt.show()

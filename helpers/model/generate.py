@@ -78,14 +78,24 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, *, temperature: floa
         return _speculative(model, input_ids, max_new_tokens, absorb, temperature, stats)
     caches = new_caches(len(model.layers))
     logits = model.logits(model.hidden(input_ids, caches, absorb)[:, -1])  # prefill: (B, V)
-    out = [input_ids]
-    for step in range(max_new_tokens):
-        token = pick(logits, temperature, top_p, generator)[:, None]  # (B, 1)
-        out.append(token)
-        if step + 1 < max_new_tokens:
-            logits = model.logits(model.hidden(token, caches, absorb)[:, -1])  # one decode step over the cache
+    new = decode(model, logits, caches, max_new_tokens, absorb, temperature, top_p, generator)  # (B, N)
     if stats is not None:
         stats.update(main_steps=max_new_tokens, drafted=0, accepted=0, cache_bytes=cache_bytes(caches))
+    return torch.cat([input_ids, new], dim=1)
+
+
+def decode(model, logits: Tensor, caches: list[LatentCache], n: int, absorb: bool = True, temperature: float = 0.0,
+           top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """The decode loop after a prefill: ``n`` new tokens ``(B, n)`` from last-position ``logits (B, V)``.
+
+    Each token but the last is fed back as one step of ``T = 1`` over ``caches`` (which it extends).
+    """
+    out = []
+    for step in range(n):
+        token = pick(logits, temperature, top_p, generator)[:, None]  # (B, 1)
+        out.append(token)
+        if step + 1 < n:
+            logits = model.logits(model.hidden(token, caches, absorb)[:, -1])  # one decode step over the cache
     return torch.cat(out, dim=1)
 
 
