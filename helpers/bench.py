@@ -105,7 +105,10 @@ SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench", "dsa": "helper
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in SUITES:
-        raise SystemExit(f"usage: python -m helpers.bench {{{','.join(SUITES)}}} [options]")
+        from helpers.inputs import closest_name
+
+        got = f"; got {argv[0]!r}{closest_name(argv[0], SUITES)}" if argv else ""
+        raise SystemExit(f"usage: python -m helpers.bench {{{','.join(SUITES)}}} [options]{got}")
     importlib.import_module(SUITES[argv[0]]).main(argv[1:])
 
 

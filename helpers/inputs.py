@@ -241,6 +241,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def output_dir(text: str) -> str:
+    """argparse type: a folder to create or fill, whose parent folder exists."""
+    path = pathlib.Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {str(path.parent)!r} does not exist; create it first "
+                                         f"(mkdir -p {path.parent})")
+    return text
+
+
 def output_path(text: str) -> str:
     """argparse type: a file path whose folder exists (so a long run does not fail when it saves)."""
     path = pathlib.Path(text)

@@ -32,6 +32,7 @@ import torch
 
 from helpers.bench import benchmark, environment_line
 from helpers.dsa.layer import SparseLatentAttention, SparseLatentCache
+from helpers.inputs import non_negative_int, output_path, positive_int
 from helpers.mla.bench import draw_medians
 from helpers.mla.bench import load_saved as load_saved  # the same file layout as the MLA benchmark's
 from helpers.utils import seed_everything
@@ -150,13 +151,14 @@ def plot_decode(saved: dict[str, Any], title: str = "One decode step: dense MLA 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.bench dsa", description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
-    parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--topk", type=int, default=None, help="index_topk (default 2048, or 128 with --small)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=list(CONTEXTS))
+    parser.add_argument("--repeats", type=positive_int, default=8)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--topk", type=positive_int, default=None,
+                        help="index_topk (default 2048, or 128 with --small)")
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--small", action="store_true", help="tiny sizes, for a quick look")
-    parser.add_argument("--save", default=None, help="write the medians and the environment as JSON")
+    parser.add_argument("--save", type=output_path, default=None, help="write the medians and the environment as JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -156,14 +156,19 @@ def _leave_text(bar) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m helpers.train``: train the miniature model and export it (a ``from_pretrained`` directory)."""
+    from helpers.inputs import non_negative_float, non_negative_int, output_dir, positive_float, positive_int
+
     parser = argparse.ArgumentParser(prog="python -m helpers.train", description=__doc__.split("\n\n")[0])
     defaults = TrainSettings()
     for name in ("steps", "batch_size", "seq_len", "seed", "vocab_size", "eval_every"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+        kind = non_negative_int if name == "seed" else positive_int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     for name in ("lr", "mtp_lambda", "gamma", "seq_aux_loss_alpha"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
-    parser.add_argument("--out", default="notebooks/results/tiny_deepseek_v3", help="export directory")
+        kind = positive_float if name == "lr" else non_negative_float
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: PyTorch's choice)")
+    parser.add_argument("--out", type=output_dir, default="notebooks/results/tiny_deepseek_v3",
+                        help="export directory (its parent must exist)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

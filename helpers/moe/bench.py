@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.bench import BenchResult, benchmark, environment_line
+from helpers.inputs import non_negative_int, output_path, positive_int
 from helpers.layers import SwiGLU
 from helpers.moe.layer import DeepSeekMoE
 
@@ -187,22 +188,28 @@ def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.bench moe", description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="token count of the standard table")
-    parser.add_argument("--sweep", type=int, nargs="*", default=[128, 512, 2048],
+    parser.add_argument("--tokens", type=positive_int, default=4096, help="token count of the standard table")
+    parser.add_argument("--sweep", type=positive_int, nargs="*", default=[128, 512, 2048],
                         help="token counts of the sweep (none: skip it)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--naive-max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--naive-max-tokens", type=non_negative_int, default=128)
     parser.add_argument("--no-backward", action="store_true", help="forward only")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: the machine's)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                         help=f"change a field of the standard layer, e.g. --set n_routed_experts=8; fields: {', '.join(STANDARD)}")
-    parser.add_argument("--plot", default=None, help="save the sweep plot to this PNG")
-    parser.add_argument("--save", default=None, help="write every median (ms) and the environment as JSON")
+    parser.add_argument("--plot", type=output_path, default=None, help="save the sweep plot to this PNG")
+    parser.add_argument("--save", type=output_path, default=None,
+                        help="write every median (ms) and the environment as JSON")
     args = parser.parse_args(argv)
+    overrides = parse_overrides(parser, args.set)
+    try:  # the layer's own checks, before any timing
+        DeepSeekMoE(**{**STANDARD, **overrides})
+    except ValueError as exc:
+        parser.error(f"--set: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    layers = build(**parse_overrides(parser, args.set))
+    layers = build(**overrides)
     check_equal(layers)
     passes = [False] if args.no_backward else [False, True]
     kw = dict(warmup=args.warmup, repeats=args.repeats, naive_max_tokens=args.naive_max_tokens)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from helpers.inputs import positive_float, positive_int
 from helpers.parallel.check import TOLERANCE, compare_worker, parse_sets, summary_line, validate
 from helpers.parallel.launch import init_from_env, launch, under_torchrun
 
@@ -26,18 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.parallel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="compare the expert-parallel layer with the single-process layer")
-    check.add_argument("--nproc", type=int, default=2, help="local processes (ignored under torchrun)")
+    check.add_argument("--nproc", type=positive_int, default=2, help="local processes (ignored under torchrun)")
     check.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
                        help="override a config field, e.g. --set n_routed_experts=16 --set n_group=4")
-    check.add_argument("--timeout", type=float, default=120.0, help="seconds before the workers are stopped")
+    check.add_argument("--timeout", type=positive_float, default=120.0, help="seconds before the workers are stopped")
     train = sub.add_parser("train-check", help="train the capstone model sharded over N processes against one")
-    train.add_argument("--nproc", type=int, default=2, help="local processes (ignored under torchrun)")
-    train.add_argument("--steps", type=int, default=3)
-    train.add_argument("--timeout", type=float, default=600.0)
+    train.add_argument("--nproc", type=positive_int, default=2, help="local processes (ignored under torchrun)")
+    train.add_argument("--steps", type=positive_int, default=3)
+    train.add_argument("--timeout", type=positive_float, default=600.0)
     args = parser.parse_args(argv)
     if args.command == "train-check":
         return train_check(args)
-    config = parse_sets(args.set)
+    config = parse_sets(args.set)  # ValueError naming the field; validate() below runs before any process starts
     if under_torchrun():
         import torch.distributed as dist
         rank, world = init_from_env()

@@ -78,8 +78,13 @@ def build(readme: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", type=pathlib.Path, default=pathlib.Path("README.md"))
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("build/site"))
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("build/site"), help="folder for the pages")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {str(args.out)!r} exists and is not a folder")
+    if not args.readme.is_file():
+        parser.error(f"argument --readme: {str(args.readme)!r} is not a file; run from the repository root or "
+                     "pass --readme path/to/README.md")
     pages = build(args.readme, args.out)
     print(f"{len(pages)} pages in {args.out}; open {args.out / 'index.html'}")
 
