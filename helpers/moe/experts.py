@@ -263,7 +263,7 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
         raise ValueError(f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be (T, k) "
                          f"with T = {u.shape[0]}, the rows of u")
     path, n_workers = choose_path(indices.numel(), w_gate_up.shape[0], path, n_workers)
-    if path == "loop":
+    if path == "loop" and indices.numel():  # no pairs: the sorted path, whose output still has a backward
         return loop_dispatch(u, weights, indices, w_gate_up, w_down)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
