@@ -49,7 +49,7 @@ class GrowingBuffer:
                                      f"got {tuple(got)}")
         needed = self.length + step
         capacity = self._buffers[0].shape[self.axis] if self._buffers else 0
-        if needed > capacity:
+        if needed > capacity or not self._buffers:  # (an empty first append still allocates: T = 0 works)
             if self.max_length is not None and needed > self.max_length:
                 raise ValueError(f"cache is full: max_length={self.max_length}, asked for {needed} entries")
             new_capacity = self.max_length or max(needed, 2 * capacity, 16)
