@@ -28,6 +28,8 @@ class BenchResult:
     times: dict[str, list[float]]
     baseline: str
     config: dict[str, Any] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)
+    """Seconds each variant's work cannot beat on this machine (:func:`helpers.machine.floor_seconds`)."""
 
     def median(self, name: str) -> float:
         return statistics.median(self.times[name])
@@ -36,9 +38,15 @@ class BenchResult:
         """Median time of ``name`` divided by the baseline's median (below 1 is faster)."""
         return self.median(name) / self.median(self.baseline)
 
+    def floor_ratio(self, name: str) -> float | None:
+        """Median time of ``name`` divided by its floor (1 is the machine's best), None without a floor."""
+        return self.median(name) / self.floors[name] if self.floors.get(name) else None
+
     def rows(self) -> list[dict[str, Any]]:
         return [{"variant": n, "median_ms": 1e3 * self.median(n), "ratio": self.ratio(n),
-                 "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t), "runs": len(t)} for n, t in self.times.items()]
+                 "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t), "runs": len(t),
+                 **({"floor_ms": 1e3 * self.floors[n], "x_floor": self.floor_ratio(n)} if self.floors.get(n) else {})}
+                for n, t in self.times.items()]
 
     def table(self) -> str:
         """A plain-text table, headed by the config, the threads and the versions."""
@@ -46,10 +54,13 @@ class BenchResult:
         if self.config:
             lines.append("config: " + ", ".join(f"{k}={v}" for k, v in self.config.items()))
         width = max(len(n) for n in self.times)
-        lines.append(f"{'variant':{width}s}  {'median ms':>10s}  {'x ' + self.baseline:>14s}  {'min..max ms':>17s}")
+        floors = "  floor ms  x floor" if self.floors else ""
+        lines.append(f"{'variant':{width}s}  {'median ms':>10s}  {'x ' + self.baseline:>14s}  {'min..max ms':>17s}"
+                     + floors)
         for r in self.rows():
+            floor = f"  {r['floor_ms']:8.2f}  {r['x_floor']:7.2f}" if "floor_ms" in r else ("  " + " " * 17) * bool(floors)
             lines.append(f"{r['variant']:{width}s}  {r['median_ms']:10.2f}  {r['ratio']:14.2f}  "
-                         f"{r['min_ms']:7.2f}..{r['max_ms']:<8.2f}")
+                         f"{r['min_ms']:7.2f}..{r['max_ms']:<8.2f}" + floor.rstrip())
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -63,7 +74,8 @@ def environment_line() -> str:
 
 
 def benchmark(variants: Mapping[str, Callable[[], Any]], *, baseline: str | None = None, warmup: int = 2,
-              repeats: int = 10, config: Mapping[str, Any] | None = None) -> BenchResult:
+              repeats: int = 10, config: Mapping[str, Any] | None = None,
+              floors: Mapping[str, float] | None = None) -> BenchResult:
     """Time each zero-argument callable in ``variants``, interleaved, after ``warmup`` untimed rounds.
 
     Args:
@@ -72,6 +84,8 @@ def benchmark(variants: Mapping[str, Callable[[], Any]], *, baseline: str | None
         warmup: untimed rounds before timing (lets allocators and caches settle).
         repeats: timed rounds; round ``r`` starts at variant ``r mod n`` so no variant always runs first.
         config: what was measured (sizes, dtype, ...), printed with the table.
+        floors: seconds each variant cannot beat on this machine (some or all variants); the table
+            prints them and each variant's ratio to its floor.
 
     Returns:
         A :class:`BenchResult` with every timing; ``print`` it for the table.
@@ -96,7 +110,7 @@ def benchmark(variants: Mapping[str, Callable[[], Any]], *, baseline: str | None
             start = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - start)
-    return BenchResult(times=times, baseline=baseline, config=dict(config or {}))
+    return BenchResult(times=times, baseline=baseline, config=dict(config or {}), floors=dict(floors or {}))
 
 
 SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench", "dsa": "helpers.dsa.bench", "model": "helpers.model.bench"}

@@ -44,6 +44,14 @@ def test_moe_bench_runs_end_to_end_and_its_saved_file_draws(tmp_path, capsys):
     assert bench_moe.sweep_table(sweep).splitlines()[2].split()[-1] == "-"  # no naive loop at 8 tokens
     assert plot_path.stat().st_size > 0
     assert len(bench_moe.plot_sweep(saved["sweep forward"], sweep).axes) == 2
+    assert "x floor" in printed and "GFLOP/s" in printed
+    assert saved["machine"]["gemm_flops_per_s"] > 0 and saved["machine"]["read_bytes_per_s"] > 0
+    for label in ("forward", "forward+backward"):
+        floors = saved[f"floor {label}"]
+        assert sorted(floors) == [4, 8, 16] and all(set(floors[t]) == set(sweep[t]) for t in floors)
+        assert all(ms > 0 for row in floors.values() for ms in row.values())
+    fig = bench_moe.plot_sweep(saved["sweep forward"], sweep, saved["floor forward"], saved["floor forward+backward"])
+    assert "floor of the MoE layer" in [line.get_label() for line in fig.axes[0].get_lines()]
     assert saved["layer"]["n_routed_experts"] == 8
 
 
@@ -89,3 +97,29 @@ def test_the_saved_mla_benchmark_loads_and_measured_the_v2_lite_sizes():
     assert saved["attention"] == bench_mla.V2_LITE_ATTENTION
     assert all(sorted(saved["medians_ms"][v]) == saved["contexts"] for v in bench_mla.VARIANTS)
     assert saved["contexts"][-1] >= 8192
+
+
+def test_floors_are_the_larger_of_reading_and_computing():
+    from helpers import machine
+
+    probes = {"gemm_flops_per_s": 1e11, "read_bytes_per_s": 1e10}
+    assert machine.floor_seconds(1e9, 1e9, probes) == pytest.approx(0.1)  # bound by reading
+    assert machine.floor_seconds(1e6, 1e11, probes) == pytest.approx(1.0)  # bound by arithmetic
+    with pytest.raises(ValueError, match="bytes_read and flops"):
+        machine.floor_seconds(-1, 0, probes)
+    measured = machine.probe(gemm_size=64, read_bytes=2**20, repeats=1)
+    assert measured["gemm_flops_per_s"] > 0 and measured["read_bytes_per_s"] > 0
+    assert "GFLOP/s" in machine.describe(measured)
+
+
+def test_moe_work_counts_the_chosen_experts_and_the_dense_weights():
+    from helpers.moe import bench as bench_moe
+
+    fields = dict(hidden_size=4, moe_intermediate_size=2, n_routed_experts=8, num_experts_per_tok=2,
+                  n_shared_experts=1)
+    read, flops = bench_moe.moe_work(fields, tokens=3, hit_experts=5)
+    assert read == 4 * (8 * 4 + 3 * 4 * 2 * (1 + 5) + 2 * 3 * 4)
+    assert flops == 2 * 3 * 8 * 4 + 6 * 3 * 4 * 2 * 3
+    dense_read, dense_flops = bench_moe.moe_work(fields, tokens=3, hit_experts=5, dense=True)
+    assert dense_read == 4 * (3 * 4 * 6 + 2 * 3 * 4) and dense_flops == 6 * 3 * 4 * 6
+    assert bench_moe.moe_work(fields, 3, 5, backward=True) == (3 * read, 3 * flops)

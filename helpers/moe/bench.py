@@ -12,7 +12,18 @@ experts, top-6, 2 shared, ``n_group`` 1, fp32, the machine's threads):
   ``--naive-max-tokens`` tokens: it is far too slow beyond).
 
 Forward (under ``torch.no_grad``) and forward+backward (gradients of every weight and the input),
-for the standard token count and a sweep of token counts. Speed is measured here, never in tests.
+for the standard token count (4096) and a sweep (1, 8, 32, 128, 512 tokens). Speed is measured here,
+never in tests.
+
+The floor: the run first measures this machine's fp32 GEMM rate and read bandwidth
+(:func:`helpers.machine.probe`), and every variant is printed beside the floor of its work,
+``max(bytes / bandwidth, FLOPs / GEMM rate)`` (:func:`moe_work`: the MoE layer must read the router,
+the shared experts and every expert the input chose once; the dense SwiGLU all of its weights),
+and its ratio to it. ``--paths`` adds the forced dispatch paths (``ours, loop``, ``ours, sorted``)
+to the forward sweep, to see where :func:`helpers.moe.experts.choose_path` should switch. The full
+run (about 3 minutes on 2 idle cores)::
+
+    python -m helpers.bench moe --threads 2 --paths --save notebooks/results/bench_moe.json
 """
 
 from __future__ import annotations
@@ -24,9 +35,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from helpers import machine
 from helpers.bench import BenchResult, benchmark, environment_line
 from helpers.inputs import non_negative_int, output_path, positive_int
 from helpers.layers import SwiGLU
+from helpers.moe import experts
 from helpers.moe.layer import DeepSeekMoE
 
 STANDARD = dict(hidden_size=512, moe_intermediate_size=256, n_routed_experts=64, num_experts_per_tok=6,
@@ -70,11 +83,58 @@ def build(seed: int = 0, **sizes: Any) -> dict[str, Any]:
     return dict(ours=ours, hf_eager=hf_eager, hf_grouped=hf_grouped, dense=dense, fields=fields)
 
 
+def moe_work(fields: dict[str, int], tokens: int, hit_experts: int, *, backward: bool = False,
+             dense: bool = False) -> tuple[float, float]:
+    """``(bytes that must be read, FLOPs)`` of one MoE layer (or its dense SwiGLU) pass, fp32.
+
+    Forward: the router ``E x H``, the shared experts ``3 H I N_s`` and the ``hit_experts`` chosen
+    experts ``3 H I`` each, read once, plus the input and output rows; ``2 T E H`` router FLOPs and
+    ``6 T H I (K_r + N_s)`` expert FLOPs. The dense SwiGLU of width ``(K_r + N_s) I`` reads all of its
+    ``3 H (K_r + N_s) I`` weights and does the same expert FLOPs. Forward+backward: three times both
+    (the backward reads the weights again and writes their gradients; its FLOPs are twice the forward's).
+    """
+    h, i, e = fields["hidden_size"], fields["moe_intermediate_size"], fields["n_routed_experts"]
+    width = (fields["num_experts_per_tok"] + fields["n_shared_experts"]) * i
+    if dense:
+        params, flops = 3 * h * width, 6 * tokens * h * width
+    else:
+        params = e * h + 3 * h * i * (fields["n_shared_experts"] + hit_experts)
+        flops = 2 * tokens * e * h + 6 * tokens * h * width
+    passes = 3 if backward else 1
+    return passes * 4 * (params + 2 * tokens * h), passes * flops
+
+
+def floors(layers: dict[str, Any], x: torch.Tensor, probes: dict[str, Any], names, *,
+           backward: bool) -> dict[str, float]:
+    """Seconds per variant that its work cannot beat on this machine (the experts ``x`` chooses count)."""
+    with torch.no_grad():
+        layers["ours"](x)
+    hit = int((layers["ours"].last_stats.load > 0).sum())
+    tokens = x.shape[-2]
+    return {n: machine.floor_seconds(*moe_work(layers["fields"], tokens, hit, backward=backward,
+                                               dense=n == BASELINE), probes) for n in names}
+
+
+def forced(layer: DeepSeekMoE, path: str):
+    """``layer`` with :func:`helpers.moe.experts.dispatch` forced onto ``path`` during the call."""
+    def call(u: torch.Tensor) -> torch.Tensor:
+        before, experts.FORCE_PATH = experts.FORCE_PATH, path
+        try:
+            return layer(u)
+        finally:
+            experts.FORCE_PATH = before
+    call.parameters = layer.parameters
+    return call
+
+
 def variants(layers: dict[str, Any], tokens: int, *, backward: bool, naive_max_tokens: int = 256,
-             with_transformers: bool = True) -> dict[str, Any]:
+             with_transformers: bool = True, x: torch.Tensor | None = None,
+             paths: bool = False) -> dict[str, Any]:
     """Zero-argument callables, one per variant, each running one forward (or forward+backward)."""
-    x = torch.randn(1, tokens, layers["fields"]["hidden_size"])
+    x = torch.randn(1, tokens, layers["fields"]["hidden_size"]) if x is None else x
     modules = {BASELINE: layers["dense"], "ours": layers["ours"]}
+    if paths:
+        modules.update({f"ours, {path}": forced(layers["ours"], path) for path in ("loop", "sorted")})
     if with_transformers:
         modules.update({"transformers eager": layers["hf_eager"], "transformers grouped_mm": layers["hf_grouped"]})
     if tokens <= naive_max_tokens:
@@ -87,7 +147,7 @@ def variants(layers: dict[str, Any], tokens: int, *, backward: bool, naive_max_t
                     fn(x)
             return run
         x_grad = x.clone().requires_grad_()
-        params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else list(layers["ours"].parameters())
+        params = list(fn.parameters()) if hasattr(fn, "parameters") else list(layers["ours"].parameters())
 
         def run():
             for p in params:
@@ -110,13 +170,17 @@ def check_equal(layers: dict[str, Any], tokens: int = 64) -> None:
 
 
 def run(layers: dict[str, Any], tokens: int, *, backward: bool, warmup: int = 1, repeats: int = 5,
-        naive_max_tokens: int = 256, with_transformers: bool = True) -> BenchResult:
-    """Time every variant at ``tokens`` tokens; ratios are relative to the dense SwiGLU."""
+        naive_max_tokens: int = 256, with_transformers: bool = True, probes: dict[str, Any] | None = None,
+        paths: bool = False) -> BenchResult:
+    """Time every variant at ``tokens`` tokens; ratios are relative to the dense SwiGLU (and the floors, if
+    ``probes`` are given)."""
     config = {**layers["fields"], "tokens": tokens, "dtype": "fp32",
               "pass": "forward+backward" if backward else "forward"}
-    return benchmark(variants(layers, tokens, backward=backward, naive_max_tokens=naive_max_tokens,
-                              with_transformers=with_transformers),
-                     baseline=BASELINE, warmup=warmup, repeats=repeats, config=config)
+    x = torch.randn(1, tokens, layers["fields"]["hidden_size"])
+    calls = variants(layers, tokens, backward=backward, naive_max_tokens=naive_max_tokens,
+                     with_transformers=with_transformers, x=x, paths=paths)
+    limits = floors(layers, x, probes, calls, backward=backward) if probes else None
+    return benchmark(calls, baseline=BASELINE, warmup=warmup, repeats=repeats, config=config, floors=limits)
 
 
 def sweep(layers: dict[str, Any], token_counts: list[int], *, backward: bool, **kw: Any) -> dict[int, BenchResult]:
@@ -124,41 +188,61 @@ def sweep(layers: dict[str, Any], token_counts: list[int], *, backward: bool, **
     return {t: run(layers, t, backward=backward, **kw) for t in token_counts}
 
 
+def floors_ms(results: dict[int, BenchResult]) -> dict[int, dict[str, float]]:
+    """Floor milliseconds per token count and variant (saved beside the medians)."""
+    return {tokens: {n: 1e3 * f for n, f in r.floors.items()} for tokens, r in results.items()}
+
+
 def medians_ms(results: dict[int, BenchResult]) -> dict[int, dict[str, float]]:
     """Median milliseconds per token count and variant: what the table, the plot and ``--save`` use."""
     return {tokens: {n: 1e3 * r.median(n) for n in r.times} for tokens, r in results.items()}
 
 
-def sweep_table(medians: dict[int, dict[str, float]]) -> str:
-    """Median milliseconds per variant (columns) and token count (rows); '-' where not measured."""
+def ratios_to_floor(medians: dict[int, dict[str, float]], floors: dict[int, dict[str, float]]
+                    ) -> dict[int, dict[str, float]]:
+    """Median over floor per token count and variant (1 would be the machine's best)."""
+    return {t: {n: ms / floors[t][n] for n, ms in row.items() if floors.get(t, {}).get(n)}
+            for t, row in medians.items()}
+
+
+def sweep_table(medians: dict[int, dict[str, float]], digits: int = 1) -> str:
+    """Median milliseconds (or any number) per variant (columns) and token count (rows); '-' where not measured."""
     names = list(dict.fromkeys(n for row in medians.values() for n in row))
     width = max(12, *(len(n) for n in names))
     lines = ["tokens  " + "  ".join(f"{n:>{width}s}" for n in names)]
     for tokens, row in medians.items():
-        cells = [f"{row[n]:{width}.1f}" if n in row else f"{'-':>{width}s}" for n in names]
+        cells = [f"{row[n]:{width}.{digits}f}" if n in row else f"{'-':>{width}s}" for n in names]
         lines.append(f"{tokens:6d}  " + "  ".join(cells))
     return "\n".join(lines)
 
 
-def plot_sweep(forward: dict[int, dict[str, float]], backward: dict[int, dict[str, float]] | None = None):
+def plot_sweep(forward: dict[int, dict[str, float]], backward: dict[int, dict[str, float]] | None = None,
+               forward_floor: dict[int, dict[str, float]] | None = None,
+               backward_floor: dict[int, dict[str, float]] | None = None):
     """Time per token against the token count, one line per variant (log-log); returns the figure.
 
     Args:
         forward, backward: median milliseconds per token count and variant (:func:`medians_ms`, or
             the ``"sweep forward"`` / ``"sweep forward+backward"`` entries of :func:`load_saved`).
+        forward_floor, backward_floor: floor milliseconds likewise (``"floor forward"``, ...); the
+            MoE layer's floor is drawn as a thick grey line.
     """
     import matplotlib.pyplot as plt
 
     from helpers.teaching.plotting import axes
 
-    panels = [("forward", forward)] + ([("forward+backward", backward)] if backward else [])
+    panels = [("forward", forward, forward_floor)] + ([("forward+backward", backward, backward_floor)]
+                                                       if backward else [])
     fig, axs = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.0), squeeze=False)
-    for ax, (label, medians) in zip(axs[0], panels):
+    for ax, (label, medians, floor) in zip(axs[0], panels):
         axes(f"MoE layer, {label}", "tokens in the batch", "time per token (µs, median)", ax=ax)
         names = list(dict.fromkeys(n for row in medians.values() for n in row))
         for name in names:
             pts = [(t, 1e3 * row[name] / t) for t, row in sorted(medians.items()) if name in row]
             ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if name == BASELINE else "-")
+        if floor:
+            pts = [(t, 1e3 * row["ours"] / t) for t, row in sorted(floor.items()) if "ours" in row]
+            ax.plot(*zip(*pts), color="grey", linewidth=4, alpha=0.5, label="floor of the MoE layer")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.legend(fontsize=8)
@@ -170,7 +254,7 @@ def load_saved(path: str) -> dict[str, Any]:
     """Read a ``--save`` file back, with the token counts of the sweeps as ints."""
     with open(path) as f:
         saved = json.load(f)
-    for key in [k for k in saved if k.startswith("sweep ")]:
+    for key in [k for k in saved if k.startswith(("sweep ", "floor "))]:
         saved[key] = {int(t): row for t, row in saved[key].items()}
     return saved
 
@@ -189,11 +273,12 @@ def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.bench moe", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=positive_int, default=4096, help="token count of the standard table")
-    parser.add_argument("--sweep", type=positive_int, nargs="*", default=[128, 512, 2048],
+    parser.add_argument("--sweep", type=positive_int, nargs="*", default=[1, 8, 32, 128, 512],
                         help="token counts of the sweep (none: skip it)")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--warmup", type=non_negative_int, default=1)
-    parser.add_argument("--naive-max-tokens", type=non_negative_int, default=128)
+    parser.add_argument("--naive-max-tokens", type=non_negative_int, default=8)
+    parser.add_argument("--paths", action="store_true", help="add the forced dispatch paths to the forward sweep")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: the machine's)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
@@ -212,23 +297,31 @@ def main(argv: list[str] | None = None) -> None:
     layers = build(**overrides)
     check_equal(layers)
     passes = [False] if args.no_backward else [False, True]
-    kw = dict(warmup=args.warmup, repeats=args.repeats, naive_max_tokens=args.naive_max_tokens)
+    probes = machine.probe()
+    print(machine.describe(probes), flush=True)
+    kw = dict(warmup=args.warmup, repeats=args.repeats, naive_max_tokens=args.naive_max_tokens, probes=probes)
     saved: dict[str, Any] = {"environment": environment_line(), "layer": layers["fields"],
-                             "repeats": args.repeats, "warmup": args.warmup}
+                             "repeats": args.repeats, "warmup": args.warmup, "machine": probes}
     for backward in passes:
         label = "forward+backward" if backward else "forward"
         result = run(layers, args.tokens, backward=backward, **kw)
         print(result, end="\n\n", flush=True)
         saved[f"standard {label}"] = medians_ms({args.tokens: result})[args.tokens]
         saved[f"standard {label} range"] = {n: [1e3 * min(t), 1e3 * max(t)] for n, t in result.times.items()}
+        saved[f"floor {label}"] = {args.tokens: floors_ms({args.tokens: result})[args.tokens]}
     for backward in passes:
         label = "forward+backward" if backward else "forward"
         if args.sweep:
-            medians = medians_ms(sweep(layers, args.sweep, backward=backward, **kw))
-            print(f"sweep, {label}, median ms:\n{sweep_table(medians)}\n", flush=True)
+            results = sweep(layers, [t for t in args.sweep if t != args.tokens], backward=backward,
+                            paths=args.paths and not backward, **kw)
+            medians = medians_ms(results)
+            print(f"sweep, {label}, median ms:\n{sweep_table(medians)}\n"
+                  f"x floor:\n{sweep_table(ratios_to_floor(medians, floors_ms(results)), digits=2)}\n", flush=True)
             saved[f"sweep {label}"] = {**medians, args.tokens: saved[f"standard {label}"]}
+            saved[f"floor {label}"] = {**floors_ms(results), **saved[f"floor {label}"]}
     if args.plot and args.sweep:
-        plot_sweep(saved["sweep forward"], saved.get("sweep forward+backward")).savefig(args.plot)
+        plot_sweep(saved["sweep forward"], saved.get("sweep forward+backward"), saved.get("floor forward"),
+                   saved.get("floor forward+backward")).savefig(args.plot)
     if args.save:
         with open(args.save, "w") as f:
             json.dump(saved, f, indent=1)
