@@ -58,7 +58,7 @@ exercises: install  ## write the workshop versions (solutions replaced by stubs)
 site: install  ## the notebooks with their outputs as static HTML in build/site/ (index: README's table order)
 	$(BIN)/python -m helpers.teaching.site --readme README.md --out build/site
 
-train: install  ## train the miniature DeepSeek-V3 and export it to notebooks/results/tiny_deepseek_v3/ (about 20 min on 2 cores)
+train: install  ## train the miniature DeepSeek-V3 (2000 steps) and export it to notebooks/results/tiny_deepseek_v3/ (about 10 min on 2 idle cores)
 	$(BIN)/python -m helpers.train --out notebooks/results/tiny_deepseek_v3
 
 parallel-check: install  ## the expert-parallel layer on 2, 3 and 4 processes against one process
