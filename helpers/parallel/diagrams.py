@@ -65,3 +65,32 @@ def plot_rank_loads(before, after, labels=("one copy per expert", "with replicas
     ax.set_xticks(ranks)
     ax.legend()
     return ax
+
+
+def plot_capstone_traffic(saved: dict, axs=None):
+    """The trained capstone's traffic (``notebooks/results/traffic_capstone.json``), one bar per (routing, layer):
+    other nodes per token (the rows a node-deduplicating dispatch sends across nodes), and the bytes the busiest
+    rank receives per token of its own (our dispatch, fp32 rows) against the mean."""
+    rows = saved["rows"]
+    routings = list(dict.fromkeys(r["routing"] for r in rows))
+    layers = sorted({r["layer"] for r in rows})
+    if axs is None:
+        _, axs = plt.subplots(1, 2, figsize=(12, 4.2))
+    panels = (("nodes_off_node", "Other nodes each token must reach", "distinct other nodes per token"),
+              ("max_recv_bytes_per_token", "Bytes received by the busiest rank", "bytes per token of that rank"))
+    width = 0.8 / len(layers)
+    for ax, (key, title, ylabel) in zip(axs, panels):
+        axes(title, "routing", ylabel, ax=ax)
+        for j, layer in enumerate(layers):
+            values = [next(r[key] for r in rows if r["layer"] == layer and r["routing"] == name) for name in routings]
+            ax.bar(np.arange(len(routings)) + (j - (len(layers) - 1) / 2) * width, values, width,
+                   label=f"MoE of block {layer}")
+        ax.set_xticks(range(len(routings)))
+        ax.set_xticklabels([name.replace(", ", ",\n", 1) for name in routings], fontsize=7, rotation=20, ha="right")
+        ax.set_ylim(top=1.3 * max(r[key] for r in rows))
+        ax.legend(fontsize=8, loc="upper right")
+    mean = sum(r["recv_bytes_per_token"] for r in rows) / len(rows)
+    axs[1].axhline(mean, color="black", lw=1, ls="--", label="mean rank (all rows)")
+    axs[1].legend(fontsize=8)
+    axs[0].figure.tight_layout()
+    return axs
