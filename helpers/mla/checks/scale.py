@@ -81,7 +81,7 @@ class _CountChecker(Checker):
 
     def explain(self, fn: Callable[..., Any]) -> str | None:
         message = super().explain(fn)
-        if message is None or "expected" not in message:
+        if message is None or "expected" not in message or self._argument_problem(fn, self.cases()[0].kwargs):
             return message
         for case, fresh in zip(self.cases(), self.cases()):
             got, want = fn(**case.kwargs), self.reference(**fresh.kwargs)
