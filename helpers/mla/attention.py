@@ -56,9 +56,18 @@ def absorbed_attention(q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Ten
     ``sum_j p_j W^{UV}_i c_j = W^{UV}_i sum_j p_j c_j``: attend over latents, then apply ``W^{UV}_i`` once.
     Arguments and result as in :func:`naive_attention`.
     """
+    b, t, n_h, _ = q_nope.shape
+    s = c_kv.shape[1]
     q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, n_h, d_c): W^{UK} absorbed into the query
-    scores = (torch.einsum("bthc,bsc->bths", q_latent, c_kv)
-              + torch.einsum("bthr,bsr->bths", q_rope, k_rope)) * softmax_scale  # (B, T, n_h, S)
-    p = _softmax_causal(scores, start_pos)  # (B, T, n_h, S)
-    o_latent = torch.einsum("bths,bsc->bthc", p, c_kv)  # (B, T, n_h, d_c): attend in latent space
+    # Multi-query attention with one (d_c + d_r)-wide key head shared by the T * n_h query rows. The
+    # scores are computed transposed, (B, S, T*n_h) = c_kv q^T: a tall-skinny product that streams the
+    # cache once in its stored row order (faster on CPU than q c_kv^T), the RoPE part fused in by baddbmm.
+    rope_part = torch.bmm(k_rope, q_rope.reshape(b, t * n_h, -1).transpose(1, 2))  # (B, S, T*n_h)
+    scores_t = torch.baddbmm(rope_part, c_kv, q_latent.reshape(b, t * n_h, -1).transpose(1, 2),
+                             alpha=softmax_scale, beta=softmax_scale)  # (B, S, T*n_h), scaled
+    if t > 1 or start_pos + t < s:
+        allowed = causal_mask(t, s, start_pos, scores_t.device)  # (T, S)
+        scores_t = scores_t.view(b, s, t, n_h).masked_fill(~allowed.T[None, :, :, None], float("-inf"))
+    p_t = torch.softmax(scores_t.reshape(b, s, t * n_h), dim=1)  # (B, S, T*n_h)
+    o_latent = torch.bmm(p_t.transpose(1, 2), c_kv).view(b, t, n_h, -1)  # (B, T, n_h, d_c): attend in latent space
     return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, n_h, d_v): W^{UV} applied once
