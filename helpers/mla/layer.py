@@ -147,6 +147,8 @@ class MultiHeadLatentAttention(nn.Module):
         """
         check_attention_input(self, x, cache, LatentCache, dense=True, absorb=absorb)
         b, t, _ = x.shape
+        if b == 0 or t == 0:  # no query (T = 0 or an empty batch): nothing to attend, nothing to cache
+            return self.wo(x.new_zeros(b, t, self.n_heads * self.v_head_dim))  # (B, T, H)
         absorb = self.absorb if absorb is None else absorb
         q_nope, q_rope, c_kv, k_rope, start = self.attention_inputs(x, cache)
         # 4) Attention, naive or absorbed, then the output projection.
