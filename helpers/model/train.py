@@ -249,7 +249,8 @@ def readme_text(directory: str | pathlib.Path) -> str:
         f"warm-up {s['warmup']}, lr {s['lr']:g} -> {s['min_lr']:g} (cosine) |",
         f"| balancing | bias update every step, gamma {s['gamma']:g}; sequence-wise loss alpha "
         f"{s['seq_aux_loss_alpha']:g}; MTP lambda {s['mtp_lambda']:g} |",
-        f"| wall time | {record['seconds']:.0f} s ({minutes:.1f} min) on {record['threads']} threads, "
+        f"| wall time | {record['seconds']:.0f} s ({minutes:.1f} min) on {record['threads']} "
+        f"thread{'s' if record['threads'] != 1 else ''}, "
         f"torch {record['torch']} |",
         f"| throughput | {record['tokens_per_s']:.0f} tokens/s (training steps and validation) |",
         f"| final validation loss | {record['final_val_loss']:.3f} nats/token ({s['eval_windows']} fixed windows of "
