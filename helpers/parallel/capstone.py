@@ -23,7 +23,7 @@ and compare with random routing of the same shape (V3's router on Gaussian logit
 (the same pairs the layer's all-to-all sends: one row per (token, expert) pair whose expert is on another rank).
 
 ``python -m helpers.parallel.capstone --out notebooks/results/traffic_capstone.json`` writes the table
-(a few seconds); notebook 14 reads it.
+(under a minute, one thread); notebook 14 reads it.
 """
 
 from __future__ import annotations
@@ -145,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--ranks-per-node", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="1 (default): these tensors are too small to share")
     parser.add_argument("--out", default=None, help="write the result as JSON")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     from helpers.model.hf import load_pretrained, pretrained_metadata
 
     model = load_pretrained(args.checkpoint)
