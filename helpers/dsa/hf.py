@@ -52,7 +52,8 @@ def _copy_indexer(src, dst) -> None:
 def dsa_from_hf(module: DeepseekV32Attention) -> SparseLatentAttention:
     """Our :class:`~helpers.dsa.SparseLatentAttention` with ``module``'s weights and settings (same device, dtype)."""
     if not isinstance(module, DeepseekV32Attention):
-        raise ValueError(f"module must be a DeepseekV32Attention, got {type(module).__name__}")
+        raise ValueError(f"module must be a DeepseekV32Attention, got {type(module).__name__}: pass one attention "
+                         "module, e.g. hf_model.model.layers[0].self_attn")
     config = module.config
     _check_supported(config)
     eps = module.kv_a_layernorm.variance_epsilon

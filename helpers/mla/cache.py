@@ -41,7 +41,12 @@ class GrowingBuffer:
             raise ValueError(f"all appended tensors must have the same length along axis {self.axis}, got {steps}")
         step = steps.pop()
         if self._buffers:
+            if len(new) != len(self._buffers):
+                raise ValueError(f"this cache holds {len(self._buffers)} tensors per append, got {len(new)}")
             for buf, t in zip(self._buffers, new):
+                if t.dtype != buf.dtype or t.device != buf.device:  # copy_ would cast silently
+                    raise TypeError(f"cache holds {buf.dtype} on {buf.device}, got {t.dtype} on {t.device}: "
+                                    "continue a cache in the dtype and device it was started with")
                 want = buf.shape[: self.axis] + buf.shape[self.axis + 1:]
                 got = t.shape[: self.axis] + t.shape[self.axis + 1:]
                 if want != got:

@@ -70,7 +70,8 @@ def mla_from_hf(module: DeepseekV3Attention | DeepseekV2Attention) -> MultiHeadL
         A new layer (naive computation by default) on ``module``'s device and dtype, weights copied.
     """
     if not isinstance(module, (DeepseekV3Attention, DeepseekV2Attention)):
-        raise ValueError(f"module must be a DeepseekV3Attention or DeepseekV2Attention, got {type(module).__name__}")
+        raise ValueError(f"module must be a DeepseekV3Attention or DeepseekV2Attention, got {type(module).__name__}: "
+                         "pass one attention module, e.g. hf_model.model.layers[0].self_attn")
     config = module.config
     _check_supported(config)
     eps = module.kv_a_layernorm.variance_epsilon
@@ -103,6 +104,9 @@ def mla_to_hf(layer: MultiHeadLatentAttention, config: DeepseekV2Config | Deepse
     The ``transformers`` norms always use eps 1e-6; the module's ``variance_epsilon`` is set to
     ``layer.rms_norm_eps`` so the two compute the same function.
     """
+    if not isinstance(layer, MultiHeadLatentAttention):
+        raise TypeError(f"layer must be our MultiHeadLatentAttention, got {type(layer).__name__}: to convert a "
+                        "transformers module the other way, use mla_from_hf")
     config = _config_of(layer) if config is None else config
     if not isinstance(config, (DeepseekV2Config, DeepseekV3Config)):
         raise ValueError(f"config must be a DeepseekV3Config or DeepseekV2Config, got {type(config).__name__}")

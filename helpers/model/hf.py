@@ -108,6 +108,9 @@ def model_to_hf(model: DeepSeekV3) -> DeepseekV3ForCausalLM:
 
     The MTP modules have no place in ``DeepseekV3ForCausalLM``; :func:`export_pretrained` writes them to disk.
     """
+    if not isinstance(model, DeepSeekV3):
+        raise TypeError(f"model must be our DeepSeekV3, got {type(model).__name__}: to convert a transformers "
+                        "model the other way, use model_from_hf")
     config = hf_config(model.config)
     weight = model.head.weight
     hf_model = DeepseekV3ForCausalLM(config).to(device=weight.device, dtype=weight.dtype)

@@ -33,7 +33,8 @@ def _hf_kind(module: nn.Module) -> str:
         return "v3"
     if isinstance(module, DeepseekV2Moe):
         return "v2"
-    raise TypeError(f"expected a transformers DeepseekV3MoE or DeepseekV2Moe, got {type(module).__name__}")
+    raise TypeError(f"expected a transformers DeepseekV3MoE or DeepseekV2Moe, got {type(module).__name__}: pass "
+                    "one MoE block, e.g. hf_model.model.layers[1].mlp (layer 0 is dense in DeepSeek's configs)")
 
 
 def moe_from_hf(module: nn.Module) -> DeepSeekMoE:
@@ -121,6 +122,9 @@ def moe_to_hf(layer: DeepSeekMoE, config=None) -> nn.Module:
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+    if not isinstance(layer, DeepSeekMoE):
+        raise TypeError(f"layer must be our DeepSeekMoE, got {type(layer).__name__}: to convert a transformers "
+                        "module the other way, use moe_from_hf")
     config = hf_config_for(layer) if config is None else config
     kind = "v3" if config.model_type == "deepseek_v3" else "v2"
     if (kind == "v3") != (layer.scoring_func == "sigmoid"):
