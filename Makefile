@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install lab workshop test test-browser lint unit notebooks execute exercises site bench parallel-check train clean
+.PHONY: install lab workshop test test-browser lint unit notebooks execute exercises site bench parallel-check capstone-results train clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ site: install  ## the notebooks with their outputs as static HTML in build/site/
 
 train: install  ## train the miniature DeepSeek-V3 (2000 steps) and export it to notebooks/results/tiny_deepseek_v3/ (about 10 min on 2 idle cores)
 	$(BIN)/python -m helpers.train --out notebooks/results/tiny_deepseek_v3
+
+capstone-results: install  ## results that read the capstone checkpoint (run after make train): expert traffic, DSA warm-up
+	$(BIN)/python -m helpers.parallel.capstone --out notebooks/results/traffic_capstone.json
+	$(BIN)/python -m helpers.dsa.warmup --out notebooks/results/dsa_warmup.json
 
 parallel-check: install  ## the expert-parallel layer on 2, 3 and 4 processes against one process
 	for n in 2 3 4; do $(BIN)/python -m helpers.parallel check --nproc $$n || exit 1; done

@@ -8,7 +8,8 @@ module             holds
 ``attention``      sparse absorbed MLA: each query attends over its gathered top-k latents
 ``layer``          :class:`SparseLatentAttention` (extends :class:`helpers.mla.MultiHeadLatentAttention`)
                    and :class:`SparseLatentCache` (the latent cache with the indexer keys beside it)
-``warmup``         the indexer's dense warm-up loss (KL to the main attention's distribution)
+``warmup``         the indexer's dense warm-up loss (KL to the main attention's distribution);
+                   its run on the trained capstone (``python -m helpers.dsa.warmup``)
 ``hf``             conversions to and from ``transformers``' ``DeepseekV32Attention``
 ``cost``           FLOPs and bytes per decoded token from a configuration
 ``checks``         the exercise checkers of notebook 25

@@ -9,6 +9,7 @@ module             holds
 ``launch``         :func:`launch`: N local gloo processes from a notebook, with timeouts; ``torchrun``
 ``check``          the layer against :class:`helpers.moe.DeepSeekMoE` (``python -m helpers.parallel check``)
 ``traffic``        rows and bytes each rank sends, destinations per token, node-limited routing at scale
+``capstone``       traffic of the trained capstone's routing (``python -m helpers.parallel.capstone``)
 ``planner``        replication and packing of experts from observed loads (the idea of DeepSeek's EPLB)
 ``diagrams``       the pictures of notebook 14
 =================  ===========================================================================
