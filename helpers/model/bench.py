@@ -3,11 +3,16 @@
 - training throughput: forward + backward + AdamW step, tokens/s, of our model, ``DeepseekV3ForCausalLM`` with
   eager and ``grouped_mm`` experts (eager attention, its best on a CPU), and a dense model with the same
   activated FFN width (``first_k_dense_replace = num_hidden_layers``, ``intermediate_size = (N_s + K_r) I``);
-- decode: ms per new token (greedy, 32 new tokens) after prompts of the given lengths, ours absorbed and naive
-  against ``transformers`` ``generate`` on the same weights; cache bytes per token from the tensors.
+- decode: ms per new token (greedy, 32 new tokens) after prompts of 128, 1k, 4k and 16k tokens, ours absorbed and
+  naive against ``transformers`` ``generate`` on the same weights, split into attention, MoE and the rest by
+  forward hooks (:class:`SplitTimer`). Each prompt is prefilled once, in chunks of 1,024 tokens through each
+  cache (``transformers``' eager attention would need about 4 GB per layer for one 16k-token pass); the timed
+  runs decode from it. 16k prompts get fewer timed runs (``--long-repeats``, default 3; 5 elsewhere).
 
-Variants are interleaved after warm-ups (:func:`helpers.bench.benchmark`); medians and ratios are printed
-and optionally saved as JSON. Never a test: timings depend on the machine and its load.
+Variants are interleaved after warm-ups (:func:`helpers.bench.benchmark`); medians, ratios and the goals of
+issue 13 (met or not) are printed and saved to ``notebooks/results/bench_model.json``, which notebook 32 plots.
+Never a test: timings depend on the machine and its load. On a busy shared 2-core machine with one thread the
+whole command took 13 min (3.5 min of CPU time); on an idle one it should take a few minutes.
 """
 
 from __future__ import annotations
