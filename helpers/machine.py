@@ -9,14 +9,14 @@ them (``python -m helpers.bench moe`` and ``mla`` save the probes beside their t
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
 import torch
 
 
-def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+def _best_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """The fastest of ``repeats`` timed calls: a limit is what the machine can do at best (noise only slows)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -24,20 +24,21 @@ def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one large fp32 matrix multiplication ``(n, n) @ (n, n)`` (``2 n^3`` FLOPs), median of ``repeats``."""
+    """FLOP/s of one large fp32 matrix multiplication ``(n, n) @ (n, n)`` (``2 n^3`` FLOPs), best of ``repeats``."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
-    return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b, out=out), repeats)
+    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b, out=out), repeats)
 
 
 def read_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of reading one large fp32 tensor once (``x.sum()`` over ``n_bytes``, far above the caches)."""
+    """Bytes/s of reading one large fp32 tensor once (``x.sum()`` over ``n_bytes``, far above the caches), best of
+    ``repeats``."""
     x = torch.rand(n_bytes // 4)
-    return n_bytes / _median_seconds(x.sum, repeats)
+    return n_bytes / _best_seconds(x.sum, repeats)
 
 
 def probe(gemm_size: int = 2048, read_bytes: int = 256 * 2**20, repeats: int = 5) -> dict[str, Any]:
