@@ -252,6 +252,11 @@ def output_dir(text: str) -> str:
     return text
 
 
+def output_path_or_empty(text: str) -> str:
+    """argparse type: ``""`` (do not save) or an :func:`output_path`."""
+    return text if text == "" else output_path(text)
+
+
 def output_path(text: str) -> str:
     """argparse type: a file path whose folder exists (so a long run does not fail when it saves)."""
     path = pathlib.Path(text)

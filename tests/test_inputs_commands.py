@@ -48,6 +48,10 @@ BENCH_BAD = [
     ("zero top-k (dsa)", ["dsa", "--topk", "0"], ["--topk", "positive integer"]),
     ("a float context (dsa)", ["dsa", "--contexts", "1.5"], ["--contexts", "'1.5'"]),
     ("save folder missing (dsa)", ["dsa", "--save", "/no/such/x.json"], ["--save"]),
+    ("zero batch (model)", ["model", "--batch", "0"], ["--batch", "positive integer"]),
+    ("zero context (model)", ["model", "--contexts", "128", "0"], ["--contexts"]),
+    ("negative new tokens (model)", ["model", "--new-tokens", "-1"], ["--new-tokens"]),
+    ("save folder missing (model)", ["model", "--save", "/no/such/x.json"], ["--save", "does not exist"]),
 ]
 
 

@@ -246,16 +246,19 @@ def summary(train, decode: dict, fields: dict, batch: int, seq: int, new_tokens:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.bench model", description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="a 2-layer, hidden-64 config, for a quick look")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 16384])
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--long-repeats", type=int, default=3, help="timed rounds for prompts of 16k tokens and more")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
+    from helpers.inputs import non_negative_int, output_path_or_empty, positive_int
+
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=256)
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[128, 1024, 4096, 16384])
+    parser.add_argument("--new-tokens", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--long-repeats", type=positive_int, default=3,
+                        help="timed rounds for prompts of 16k tokens and more")
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--skip-train", action="store_true", help="decode only")
-    parser.add_argument("--save", default="notebooks/results/bench_model.json",
+    parser.add_argument("--save", type=output_path_or_empty, default="notebooks/results/bench_model.json",
                         help="write the medians, the split and the goals as JSON ('' to skip)")
     args = parser.parse_args(argv)
     if args.threads:
