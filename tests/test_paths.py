@@ -12,8 +12,9 @@ from helpers.moe import DeepSeekMoE, dispatch, experts
 from helpers.moe.hf import moe_from_hf
 from tests.test_moe_hf import random_hf_moe
 
-PATHS = [("loop", None), ("sorted", 1), ("sorted", 2)]  # (path, n_workers): the three ways auto can go
-IDS = ["loop", "sorted, one part", "sorted, thread pool"]
+# (path, n_workers): every way auto can go
+PATHS = [("loop", 1), ("loop", 2), ("sorted", 1), ("sorted", 2)]
+IDS = ["loop", "loop, thread pool", "sorted, one part", "sorted, thread pool"]
 
 
 def loop_moe(x, weights, indices, w_gate_up, w_down):
@@ -88,12 +89,14 @@ def test_auto_chooses_by_rows_per_expert(monkeypatch):
     n_experts = 64
     loop_max = experts.LOOP_MAX_PAIRS_PER_EXPERT * n_experts
     pool_min = experts.POOL_MIN_PAIRS_PER_EXPERT * n_experts
-    assert experts.choose_path(6, n_experts) == ("loop", 1)  # one token, top-6
-    assert experts.choose_path(loop_max, n_experts) == ("loop", 1)
-    assert experts.choose_path(loop_max + 1, n_experts) == ("sorted", 1)
-    assert experts.choose_path(pool_min, n_experts) == ("sorted", torch.get_num_threads())
-    assert experts.choose_path(6, n_experts, "sorted") == ("sorted", torch.get_num_threads())
-    assert experts.choose_path(10**6, n_experts, "loop") == ("loop", 1)
+    threads = torch.get_num_threads()
+    assert experts.choose_path(6, n_experts) == ("loop", threads)  # one token, top-6
+    assert experts.choose_path(loop_max, n_experts) == ("loop", threads)
+    assert experts.choose_path(max(loop_max, pool_min) + 1, n_experts) == ("sorted", threads)
+    monkeypatch.setattr(experts, "POOL_MIN_PAIRS_PER_EXPERT", experts.LOOP_MAX_PAIRS_PER_EXPERT + 4)
+    assert experts.choose_path(loop_max + 1, n_experts) == ("sorted", 1)  # between the bounds: one part
+    assert experts.choose_path(6, n_experts, "sorted") == ("sorted", threads)
+    assert experts.choose_path(10**6, n_experts, "loop") == ("loop", threads)
     assert experts.choose_path(6, n_experts, n_workers=3) == ("sorted", 3)  # a thread count means the pool
     monkeypatch.setattr(experts, "FORCE_PATH", "sorted")
     assert experts.choose_path(6, n_experts, "loop")[0] == "sorted"  # the module switch wins

@@ -164,8 +164,9 @@ FORCE_PATH: str | None = None
 """Set to ``"loop"`` or ``"sorted"`` to make every :func:`dispatch` take that path (tests do)."""
 LOOP_MAX_PAIRS_PER_EXPERT = 2
 """``auto`` runs :func:`loop_dispatch` up to ``2 * E`` (token, expert) pairs (most chosen experts hold 1-2 rows)."""
-POOL_MIN_PAIRS_PER_EXPERT = 48
-"""``auto`` shares the experts over the thread pool from ``48 * E`` pairs on (48 rows per expert on average)."""
+POOL_MIN_PAIRS_PER_EXPERT = 2
+"""``auto`` shares the experts over the thread pool beyond ``2 * E`` pairs (raise it to split each expert's matmuls
+over the cores instead between the two bounds: that can win on an idle machine, and loses badly on a busy one)."""
 
 
 def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int | None = None) -> tuple[str, int]:
@@ -177,10 +178,11 @@ def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int
     - up to :data:`LOOP_MAX_PAIRS_PER_EXPERT`: :func:`loop_dispatch`. Each chosen expert holds one or
       two rows, its matmuls are matrix-vector products bound by reading its weights, and a sort plus
       a host sync of ``E + 1`` bounds cost more than they save;
-    - up to :data:`POOL_MIN_PAIRS_PER_EXPERT`: the sorted dispatch, each expert's matmuls split over
-      the machine's threads (``n_workers = 1``: one part, no thread pool);
+    - up to :data:`POOL_MIN_PAIRS_PER_EXPERT` (by default the same bound, so this range is empty):
+      the sorted dispatch, each expert's matmuls split over the machine's threads (``n_workers = 1``);
     - beyond: the sorted dispatch with whole experts per thread (the thread pool), which saves a
-      synchronisation of all threads per matmul once the matmuls are big.
+      synchronisation of all threads after every matmul; a barrier per small matmul is cheap on
+      idle cores and very expensive on cores that other programs share.
 
     An explicit ``n_workers`` asks for the sorted dispatch with that many parts.
     """
@@ -190,20 +192,36 @@ def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int
     if n_workers is not None:
         return ("loop" if path == "loop" else "sorted"), n_workers
     if path == "loop" or (path == "auto" and n_pairs <= LOOP_MAX_PAIRS_PER_EXPERT * n_experts):
-        return "loop", 1
+        return "loop", torch.get_num_threads()
     if path == "sorted" or n_pairs >= POOL_MIN_PAIRS_PER_EXPERT * n_experts:
         return "sorted", torch.get_num_threads()
     return "sorted", 1
 
 
-def loop_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+def _run_loop(u: Tensor, top_k: int, n_inter: int, w_gate_up: Tensor, w_down: Tensor,
+              groups: list[tuple[int, list[int]]]) -> list[Tensor]:
+    """The chosen experts' outputs ``FFN_e(u[tokens])`` (n_e, H), one per ``(e, pairs)`` group."""
+    outs = []
+    for e, pairs in groups:
+        tokens = [pair // top_k for pair in pairs]
+        x = (u[tokens[0]:tokens[0] + 1] if len(tokens) == 1
+             else u.index_select(0, torch.tensor(tokens, device=u.device)))  # (n_e, H)
+        gate, up = F.linear(x, w_gate_up[e]).split(n_inter, dim=-1)  # (n_e, I) each
+        outs.append(F.linear(F.silu(gate) * up, w_down[e]))  # (n_e, H)
+    return outs
+
+
+def loop_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                  n_workers: int | None = None) -> Tensor:
     """:func:`dispatch` for a few tokens: a Python loop over the chosen experts, plain autograd (V3 eq. 12).
 
     No sort and no thread pool: one host sync reads the ``T*k`` expert ids, the pairs are grouped by
     expert in Python, and each chosen expert runs ``F.linear`` on views of the stacked weights
     (``w_gate_up[e]``, ``w_down[e]``: no copy) over its rows; one ``index_add`` adds the ``g``-weighted
     outputs back to their tokens. Every expert's weights are read once, the least any path can read.
-    Arguments and result as in :func:`dispatch`; gradients come from autograd.
+    Without autograd, the chosen experts are shared out over ``n_workers`` threads (default: the
+    machine's) as whole experts (:func:`expert_parallel`), so no thread waits at a barrier after
+    every one-row product. Arguments and result as in :func:`dispatch`; gradients come from autograd.
     """
     n_experts, n_inter, top_k = w_gate_up.shape[0], w_down.shape[-1], indices.shape[1]
     flat = indices.reshape(-1).tolist()  # T*k expert ids: the one host sync
@@ -214,16 +232,19 @@ def loop_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor
     pairs_of: dict[int, list[int]] = {}
     for pair, e in enumerate(flat):
         pairs_of.setdefault(e, []).append(pair)
-    outs, order = [], []
-    for e, pairs in pairs_of.items():
-        tokens = [pair // top_k for pair in pairs]
-        x = (u[tokens[0]:tokens[0] + 1] if len(tokens) == 1
-             else u.index_select(0, torch.tensor(tokens, device=u.device)))  # (n_e, H)
-        gate, up = F.linear(x, w_gate_up[e]).split(n_inter, dim=-1)  # (n_e, I) each
-        outs.append(F.linear(F.silu(gate) * up, w_down[e]))  # (n_e, H)
-        order += pairs
-    if not outs:
+    groups = list(pairs_of.items())
+    if not groups:
         return torch.zeros_like(u)
+    order = [pair for _, pairs in groups for pair in pairs]
+    n_workers = min(torch.get_num_threads() if n_workers is None else n_workers, len(groups))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down))
+    if needs_grad or n_workers <= 1:
+        outs = _run_loop(u, top_k, n_inter, w_gate_up, w_down, groups)
+    else:
+        parts = [(groups[w::n_workers],) for w in range(n_workers)]  # whole experts per thread
+        order = [pair for (part,) in parts for _, pairs in part for pair in pairs]
+        outs = [o for part_outs in expert_parallel(
+            lambda part: _run_loop(u, top_k, n_inter, w_gate_up, w_down, part), parts) for o in part_outs]
     pair_ids = torch.tensor(order, device=u.device)  # (T*k,) pairs in the order of ``outs``
     g = weights.reshape(-1).index_select(0, pair_ids).to(u.dtype)  # (T*k,)
     o = torch.cat(outs) * g[:, None]  # (T*k, H)
@@ -264,7 +285,7 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
                          f"with T = {u.shape[0]}, the rows of u")
     path, n_workers = choose_path(indices.numel(), w_gate_up.shape[0], path, n_workers)
     if path == "loop" and indices.numel():  # no pairs: the sorted path, whose output still has a backward
-        return loop_dispatch(u, weights, indices, w_gate_up, w_down)
+        return loop_dispatch(u, weights, indices, w_gate_up, w_down, n_workers)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
     return _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]
