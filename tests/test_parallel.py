@@ -101,3 +101,16 @@ def test_capstone_training_sharded_gives_the_same_losses():
     assert len(curves["one process"]) == 2
     for a, b in zip(curves["one process"], curves["expert parallel"]):
         assert abs(a - b) <= TOLERANCE
+
+
+def test_bad_input_is_refused_before_any_collective():
+    from helpers.moe import DeepSeekMoE
+    from helpers.parallel.layer import ExpertParallelMoE
+
+    layer = ExpertParallelMoE.from_moe(DeepSeekMoE(16, 8, 4, 2))  # one process: no process group needed
+    before = layer.load_since_update.clone()
+    with pytest.raises(ValueError, match="hidden_size=16"):
+        layer(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="NaN"):
+        layer(torch.full((3, 16), float("nan")))
+    torch.testing.assert_close(layer.load_since_update, before)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers.inputs import check_moe_input
 from helpers.layers import SwiGLU
 from helpers.moe import (
     DeepSeekMoE,
@@ -92,7 +93,12 @@ class ExpertParallelMoE(nn.Module):
         return cls(moe, layout, rank, AllToAllDispatcher(layout, rank, group))
 
     def forward(self, u: Tensor) -> Tensor:
-        """``u`` (..., H) this rank's tokens -> the FFN output (..., H), without the residual."""
+        """``u`` (..., H) this rank's tokens -> the FFN output (..., H), without the residual.
+
+        The input is checked like :class:`helpers.moe.DeepSeekMoE`'s before any collective runs (a rank that
+        refuses its input raises; the others then fail through the launcher's dead-rank detection).
+        """
+        check_moe_input(self, u)
         shape, clock = u.shape, [time.perf_counter()]
         timeline = self.last_timeline = []
 
