@@ -68,10 +68,11 @@ capstone-results: install  ## results that read the capstone checkpoint (run aft
 parallel-check: install  ## the expert-parallel layer on 2, 3 and 4 processes against one process
 	for n in 2 3 4; do $(BIN)/python -m helpers.parallel check --nproc $$n || exit 1; done
 
-bench: install  ## the MoE and MLA benchmarks (minutes; not part of the tests); saves medians, writes the README's tables
-	$(BIN)/python -m helpers.bench moe --save notebooks/results/bench_moe.json
-	$(BIN)/python -m helpers.bench mla --save notebooks/results/bench_mla.json
-	$(BIN)/python -m helpers.bench dsa --repeats 15 --save notebooks/results/bench_dsa.json
+bench: install  ## the MoE, MLA, DSA and capstone benchmarks (minutes; not part of the tests); saves medians, writes the README's tables
+	$(BIN)/python -m helpers.bench moe --threads 2 --paths --save notebooks/results/bench_moe.json
+	$(BIN)/python -m helpers.bench mla --threads 2 --save notebooks/results/bench_mla.json
+	$(BIN)/python -m helpers.bench dsa --threads 2 --repeats 15 --save notebooks/results/bench_dsa.json
+	$(BIN)/python -m helpers.bench model --threads 2 --save notebooks/results/bench_model.json
 	$(BIN)/python -m helpers.teaching.readme README.md
 
 clean:
