@@ -15,6 +15,7 @@ from tests.test_moe_hf import random_hf_moe
 # (path, n_workers): every way auto can go
 PATHS = [("loop", 1), ("loop", 2), ("sorted", 1), ("sorted", 2)]
 IDS = ["loop", "loop, thread pool", "sorted, one part", "sorted, thread pool"]
+FORWARD_PATHS, FORWARD_IDS = PATHS + [("grouped", None)], IDS + ["grouped"]  # F.grouped_mm has no float64
 
 
 def loop_moe(x, weights, indices, w_gate_up, w_down):
@@ -39,7 +40,7 @@ def inputs(n_tokens, dtype=torch.float32, hidden=8, inter=4, n_experts=6, top_k=
     return x, torch.rand(n_tokens, top_k, dtype=dtype), indices, w_gate_up, w_down
 
 
-@pytest.mark.parametrize("path, n_workers", PATHS, ids=IDS)
+@pytest.mark.parametrize("path, n_workers", FORWARD_PATHS, ids=FORWARD_IDS)
 @pytest.mark.parametrize("n_tokens", [1, 2, 13])
 def test_every_path_equals_the_definition(path, n_workers, n_tokens):
     x, weights, indices, w_gate_up, w_down = inputs(n_tokens)
@@ -57,6 +58,23 @@ def test_every_path_gradcheck_float64(path, n_workers, n_tokens):
         (x, weights, w_gate_up, w_down))
 
 
+def test_the_grouped_path_gives_the_sorted_paths_gradients_in_float32():
+    x, weights, indices, w_gate_up, w_down = (t.requires_grad_() if t.is_floating_point() else t
+                                              for t in inputs(9))
+    grads = []
+    for path in ("grouped", "sorted"):
+        y = dispatch(x, weights, indices, w_gate_up, w_down, path=path)
+        grads.append(torch.autograd.grad(y, [x, weights, w_gate_up, w_down], torch.ones_like(y)))
+    for name, a, b in zip(["x", "weights", "w_gate_up", "w_down"], *grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_grouped_path_refuses_float64_by_name():
+    x, weights, indices, w_gate_up, w_down = inputs(3, torch.float64)
+    with pytest.raises(ValueError, match="grouped path needs u in one of"):
+        dispatch(x, weights, indices, w_gate_up, w_down, path="grouped")
+
+
 def test_the_loop_path_gives_the_gradients_of_a_subset_only():
     x, weights, indices, w_gate_up, w_down = inputs(7, torch.float64)
     w_down.requires_grad_()
@@ -66,7 +84,7 @@ def test_the_loop_path_gives_the_gradients_of_a_subset_only():
     assert x.grad is None and w_gate_up.grad is None and weights.grad is None
 
 
-@pytest.mark.parametrize("path", ["loop", "sorted"])
+@pytest.mark.parametrize("path", ["loop", "grouped", "sorted"])
 def test_forced_path_layer_equals_transformers_output_and_gradients(path, monkeypatch):
     monkeypatch.setattr(experts, "FORCE_PATH", path)
     torch.manual_seed(0)
@@ -89,12 +107,19 @@ def test_auto_chooses_by_rows_per_expert(monkeypatch):
     n_experts = 64
     loop_max = experts.LOOP_MAX_PAIRS_PER_EXPERT * n_experts
     pool_min = experts.POOL_MIN_PAIRS_PER_EXPERT * n_experts
+    grouped_max = experts.GROUPED_MAX_PAIRS_PER_EXPERT * n_experts
     threads = torch.get_num_threads()
     assert experts.choose_path(6, n_experts) == ("loop", threads)  # one token, top-6
     assert experts.choose_path(loop_max, n_experts) == ("loop", threads)
-    assert experts.choose_path(max(loop_max, pool_min) + 1, n_experts) == ("sorted", threads)
-    monkeypatch.setattr(experts, "POOL_MIN_PAIRS_PER_EXPERT", experts.LOOP_MAX_PAIRS_PER_EXPERT + 4)
-    assert experts.choose_path(loop_max + 1, n_experts) == ("sorted", 1)  # between the bounds: one part
+    assert experts.choose_path(loop_max + 1, n_experts) == ("grouped", threads)
+    assert experts.choose_path(grouped_max, n_experts) == ("grouped", threads)
+    assert experts.choose_path(grouped_max + 1, n_experts) == ("sorted", threads)
+    assert experts.choose_path(loop_max + 1, n_experts, grouped_ok=False) == ("sorted", threads)
+    for n_pairs in (6, grouped_max):  # with autograd: the sorted dispatch and its hand-written backward
+        assert experts.choose_path(n_pairs, n_experts, needs_grad=True) == ("sorted", threads)
+    assert experts.choose_path(max(loop_max, pool_min) + 1, n_experts, grouped_ok=False) == ("sorted", threads)
+    monkeypatch.setattr(experts, "POOL_MIN_PAIRS_PER_EXPERT", 8)
+    assert experts.choose_path(loop_max + 1, n_experts, grouped_ok=False) == ("sorted", 1)  # one part
     assert experts.choose_path(6, n_experts, "sorted") == ("sorted", threads)
     assert experts.choose_path(10**6, n_experts, "loop") == ("loop", threads)
     assert experts.choose_path(6, n_experts, n_workers=3) == ("sorted", 3)  # a thread count means the pool
@@ -107,8 +132,10 @@ def test_auto_runs_the_loop_for_one_token_and_the_sorted_dispatch_for_many(monke
     real = experts.loop_dispatch
     monkeypatch.setattr(experts, "loop_dispatch", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     layer = DeepSeekMoE(16, 8, 8, 2, n_shared_experts=1)
-    layer(torch.randn(1, 1, 16))
-    layer(torch.randn(1, 64, 16))  # 128 pairs > 2 x 8 experts
+    with torch.no_grad():
+        layer(torch.randn(1, 1, 16))
+        layer(torch.randn(1, 64, 16))  # 128 pairs > 8 / 4 pairs
+    layer(torch.randn(1, 1, 16))  # with autograd: the sorted dispatch
     assert calls == [1]
 
 
@@ -135,8 +162,9 @@ def test_tiny_config_layer_is_the_same_on_every_path(monkeypatch):
     ours = moe_from_hf(hf)
     x = torch.randn(2, 3, hf.config.hidden_size)
     outs = []
-    for path in ("loop", "sorted"):
+    for path in ("loop", "grouped", "sorted"):
         monkeypatch.setattr(experts, "FORCE_PATH", path)
         outs.append(ours(x))
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    for out in outs[1:]:
+        torch.testing.assert_close(outs[0], out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(outs[0], hf(x), atol=1e-5, rtol=1e-5)

@@ -49,6 +49,10 @@ def _routed_forward(u: Tensor, g: Tensor, token: Tensor, bounds: list[int], w_ga
     n_inter = w_down.shape[-1]
     for e in experts:
         start, end = bounds[e], bounds[e + 1]
+        if start == end:  # no rows: nothing to add (a few small ops each, which add up over many experts)
+            if hs is not None:
+                hs.append(u.new_empty(0, 2 * n_inter))
+            continue
         tok = token[start:end]  # (n_e,)
         h = u.index_select(0, tok) @ w_gate_up[e].T  # (n_e, 2I)
         gate, up = h.split(n_inter, dim=-1)  # (n_e, I) each
@@ -65,6 +69,8 @@ def _routed_backward(grad_y: Tensor, u: Tensor, g: Tensor, token: Tensor, bounds
     n_inter = w_down.shape[-1]
     for e, h in zip(experts, hs):
         start, end = bounds[e], bounds[e + 1]
+        if start == end:  # no rows: its gradients stay zero
+            continue
         tok, g_e = token[start:end], g[start:end, None]  # (n_e,), (n_e, 1)
         gate, up = h.split(n_inter, dim=-1)  # (n_e, I) each
         s = torch.sigmoid(gate)
@@ -159,17 +165,30 @@ def sum_parts(parts: list[Tensor], like: Tensor) -> Tensor:
     return total
 
 
-PATHS = ("auto", "loop", "sorted")
+PATHS = ("auto", "loop", "grouped", "sorted")
 FORCE_PATH: str | None = None
-"""Set to ``"loop"`` or ``"sorted"`` to make every :func:`dispatch` take that path (tests do)."""
-LOOP_MAX_PAIRS_PER_EXPERT = 2
-"""``auto`` runs :func:`loop_dispatch` up to ``2 * E`` (token, expert) pairs (most chosen experts hold 1-2 rows)."""
+"""Set to ``"loop"``, ``"grouped"`` or ``"sorted"`` to make every :func:`dispatch` take that path (tests do)."""
+LOOP_MAX_PAIRS_PER_EXPERT = 0.25
+"""``auto`` runs :func:`loop_dispatch` up to ``E / 4`` (token, expert) pairs (one or two tokens of top-6 of 64)."""
+GROUPED_MAX_PAIRS_PER_EXPERT = 96
+"""``auto`` runs :func:`grouped_dispatch` up to ``96 * E`` pairs without autograd (about 1000 tokens of top-6 of 64)."""
 POOL_MIN_PAIRS_PER_EXPERT = 2
-"""``auto`` shares the experts over the thread pool beyond ``2 * E`` pairs (raise it to split each expert's matmuls
-over the cores instead between the two bounds: that can win on an idle machine, and loses badly on a busy one)."""
+"""``auto`` shares the experts over the thread pool from ``2 * E`` pairs on, where the grouped path does not run
+(raise it to split each expert's matmuls over the cores instead: that can win on an idle machine, and loses
+badly on a busy one)."""
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""What ``F.grouped_mm`` accepts on a CPU (not float64)."""
 
 
-def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int | None = None) -> tuple[str, int]:
+def grouped_supported(u: Tensor, w_down: Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes these operands: its dtypes, and rows of ``H`` and ``I`` values that are
+    whole multiples of 16 bytes (its stride rule)."""
+    size = u.element_size()
+    return u.dtype in GROUPED_DTYPES and all(n * size % 16 == 0 for n in w_down.shape[-2:])
+
+
+def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int | None = None, *,
+                needs_grad: bool = False, grouped_ok: bool = True) -> tuple[str, int]:
     """Which way :func:`dispatch` computes ``n_pairs`` (token, expert) pairs: ``(path, n_workers)``.
 
     ``FORCE_PATH`` wins, then an explicit ``path``. ``"auto"`` chooses by the work's size, in rows
@@ -178,21 +197,31 @@ def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int
     - up to :data:`LOOP_MAX_PAIRS_PER_EXPERT`: :func:`loop_dispatch`. Each chosen expert holds one or
       two rows, its matmuls are matrix-vector products bound by reading its weights, and a sort plus
       a host sync of ``E + 1`` bounds cost more than they save;
+    - without autograd, up to :data:`GROUPED_MAX_PAIRS_PER_EXPERT` (and where ``F.grouped_mm`` takes the
+      operands, ``grouped_ok``, see :func:`grouped_supported`): :func:`grouped_dispatch`, the same sorted order with every expert's
+      product in one ``F.grouped_mm`` call, which saves a Python round trip per expert;
     - up to :data:`POOL_MIN_PAIRS_PER_EXPERT` (by default the same bound, so this range is empty):
       the sorted dispatch, each expert's matmuls split over the machine's threads (``n_workers = 1``);
     - beyond: the sorted dispatch with whole experts per thread (the thread pool), which saves a
       synchronisation of all threads after every matmul; a barrier per small matmul is cheap on
       idle cores and very expensive on cores that other programs share.
 
-    An explicit ``n_workers`` asks for the sorted dispatch with that many parts.
+    An explicit ``n_workers`` asks for the sorted dispatch with that many parts. When gradients are
+    needed (``needs_grad``), ``"auto"`` never takes the loop: autograd's backward of each view
+    ``w_gate_up[e]`` writes a zero-filled gradient of the whole stacked weight, once per expert used
+    (many times the sorted dispatch's time at a few tokens: ``python -m helpers.bench moe --paths``
+    times both), while :class:`SortedDispatch` writes each expert's slice once.
     """
     path = FORCE_PATH or path
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}; use 'auto' to choose by the work's size")
     if n_workers is not None:
-        return ("loop" if path == "loop" else "sorted"), n_workers
-    if path == "loop" or (path == "auto" and n_pairs <= LOOP_MAX_PAIRS_PER_EXPERT * n_experts):
+        return (path if path in ("loop", "grouped") else "sorted"), n_workers
+    if path == "loop" or (path == "auto" and not needs_grad and n_pairs <= LOOP_MAX_PAIRS_PER_EXPERT * n_experts):
         return "loop", torch.get_num_threads()
+    if path == "grouped" or (path == "auto" and not needs_grad and grouped_ok
+                             and n_pairs <= GROUPED_MAX_PAIRS_PER_EXPERT * n_experts):
+        return "grouped", torch.get_num_threads()
     if path == "sorted" or n_pairs >= POOL_MIN_PAIRS_PER_EXPERT * n_experts:
         return "sorted", torch.get_num_threads()
     return "sorted", 1
@@ -253,6 +282,27 @@ def loop_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor
     return torch.zeros_like(u).index_add(0, torch.div(pair_ids, top_k, rounding_mode="floor"), o)  # (T, H)
 
 
+def grouped_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """:func:`dispatch` with the experts' products fused: sort once, then one ``F.grouped_mm`` per projection.
+
+    The pairs sorted by expert (:func:`sort_by_expert`) form one ``(T*k, H)`` matrix of token rows whose
+    consecutive slices belong to one expert each (``offs`` holds the slice ends); ``F.grouped_mm`` multiplies
+    each slice by its expert's weight in one call, ``h = x W_gate_up^T`` then ``o = a W_down^T``; the
+    ``g``-weighted rows are added back to their tokens with ``index_add_`` (V3 eq. 12). Same numbers as the
+    loop over experts; autograd works through it (not used by ``auto``, see :func:`choose_path`).
+    """
+    if not grouped_supported(u, w_down):
+        raise ValueError(f"the grouped path needs u in one of {GROUPED_DTYPES} with H and I multiples of 16 bytes, "
+                         f"got {u.dtype}, H={w_down.shape[-2]}, I={w_down.shape[-1]}; use path='sorted' or 'loop'")
+    order, token, bounds = sort_by_expert(indices, w_gate_up.shape[0])
+    g = weights.reshape(-1)[order].to(u.dtype)  # (T*k,) gating values of the sorted pairs
+    offs = torch.tensor(bounds[1:], dtype=torch.int32, device=u.device)  # (E,) slice ends
+    h = F.grouped_mm(u.index_select(0, token), w_gate_up.transpose(1, 2), offs=offs)  # (T*k, 2I)
+    gate, up = h.split(w_down.shape[-1], dim=-1)  # (T*k, I) each
+    o = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # (T*k, H)
+    return torch.zeros_like(u).index_add(0, token, o * g[:, None])  # (T, H)
+
+
 def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
              n_workers: int | None = None, path: str = "auto") -> Tensor:
     """``sum_i g_{i,t} FFN_i(u_t)`` over the chosen experts, computed expert by expert (V3 eq. 12).
@@ -271,9 +321,9 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
         w_gate_up: (E, 2I, H) fused gate and up projections (gate rows first), like ``transformers``.
         w_down: (E, H, I) down projections.
         n_workers: threads to share the experts over (sorted path); default: :func:`choose_path`'s.
-        path: ``"auto"`` (choose by the work's size, :func:`choose_path`), ``"loop"`` (:func:`loop_dispatch`)
-            or ``"sorted"`` (the sorted dispatch above, thread pool of the machine's threads);
-            all give the same numbers.
+        path: ``"auto"`` (choose by the work's size, :func:`choose_path`), ``"loop"`` (:func:`loop_dispatch`),
+            ``"grouped"`` (:func:`grouped_dispatch`) or ``"sorted"`` (the sorted dispatch above, thread pool of
+            the machine's threads); all give the same numbers.
 
     Returns:
         (T, H), in ``u``'s dtype.
@@ -283,10 +333,14 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
     if weights.shape != indices.shape or indices.shape[0] != u.shape[0]:
         raise ValueError(f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be (T, k) "
                          f"with T = {u.shape[0]}, the rows of u")
-    path, n_workers = choose_path(indices.numel(), w_gate_up.shape[0], path, n_workers)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down))
+    path, n_workers = choose_path(indices.numel(), w_gate_up.shape[0], path, n_workers, needs_grad=needs_grad,
+                                  grouped_ok=grouped_supported(u, w_down))
     if path == "loop" and indices.numel():  # no pairs: the sorted path, whose output still has a backward
         return loop_dispatch(u, weights, indices, w_gate_up, w_down, n_workers)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
+    if path == "grouped" and indices.numel():
+        return grouped_dispatch(u, weights, indices, w_gate_up, w_down)
+    if needs_grad:
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
     return _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]
 
