@@ -19,7 +19,7 @@ The floor: the run first measures this machine's fp32 GEMM rate and read bandwid
 (:func:`helpers.machine.probe`), and every variant is printed beside the floor of its work,
 ``max(bytes / bandwidth, FLOPs / GEMM rate)`` (:func:`moe_work`: the MoE layer must read the router,
 the shared experts and every expert the input chose once; the dense SwiGLU all of its weights),
-and its ratio to it. ``--paths`` adds the forced dispatch paths (``ours, loop``, ``ours, sorted``)
+and its ratio to it. ``--paths`` adds the forced dispatch paths (``ours, loop``, ``ours, grouped``, ``ours, sorted``)
 to the forward sweep, to see where :func:`helpers.moe.experts.choose_path` should switch. The full
 run (about 3 minutes on 2 idle cores)::
 
@@ -134,7 +134,7 @@ def variants(layers: dict[str, Any], tokens: int, *, backward: bool, naive_max_t
     x = torch.randn(1, tokens, layers["fields"]["hidden_size"]) if x is None else x
     modules = {BASELINE: layers["dense"], "ours": layers["ours"]}
     if paths:
-        modules.update({f"ours, {path}": forced(layers["ours"], path) for path in ("loop", "sorted")})
+        modules.update({f"ours, {path}": forced(layers["ours"], path) for path in ("loop", "grouped", "sorted")})
     if with_transformers:
         modules.update({"transformers eager": layers["hf_eager"], "transformers grouped_mm": layers["hf_grouped"]})
     if tokens <= naive_max_tokens:
