@@ -109,8 +109,8 @@ def test_auto_chooses_by_rows_per_expert(monkeypatch):
     pool_min = experts.POOL_MIN_PAIRS_PER_EXPERT * n_experts
     grouped_max = experts.GROUPED_MAX_PAIRS_PER_EXPERT * n_experts
     threads = torch.get_num_threads()
-    assert experts.choose_path(6, n_experts) == ("loop", threads)  # one token, top-6
-    assert experts.choose_path(loop_max, n_experts) == ("loop", threads)
+    assert experts.choose_path(6, n_experts) == ("loop", 1)  # one token, top-6: in the calling thread
+    assert experts.choose_path(loop_max, n_experts) == ("loop", 1)
     assert experts.choose_path(loop_max + 1, n_experts) == ("grouped", threads)
     assert experts.choose_path(grouped_max, n_experts) == ("grouped", threads)
     assert experts.choose_path(grouped_max + 1, n_experts) == ("sorted", threads)
@@ -131,10 +131,10 @@ def test_auto_runs_the_loop_for_one_token_and_the_sorted_dispatch_for_many(monke
     calls = []
     real = experts.loop_dispatch
     monkeypatch.setattr(experts, "loop_dispatch", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    layer = DeepSeekMoE(16, 8, 8, 2, n_shared_experts=1)
+    layer = DeepSeekMoE(16, 8, 16, 2, n_shared_experts=1)
     with torch.no_grad():
-        layer(torch.randn(1, 1, 16))
-        layer(torch.randn(1, 64, 16))  # 128 pairs > 8 / 4 pairs
+        layer(torch.randn(1, 1, 16))  # 2 pairs <= 16 / 8
+        layer(torch.randn(1, 64, 16))  # 128 pairs
     layer(torch.randn(1, 1, 16))  # with autograd: the sorted dispatch
     assert calls == [1]
 

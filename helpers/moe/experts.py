@@ -168,8 +168,8 @@ def sum_parts(parts: list[Tensor], like: Tensor) -> Tensor:
 PATHS = ("auto", "loop", "grouped", "sorted")
 FORCE_PATH: str | None = None
 """Set to ``"loop"``, ``"grouped"`` or ``"sorted"`` to make every :func:`dispatch` take that path (tests do)."""
-LOOP_MAX_PAIRS_PER_EXPERT = 0.25
-"""``auto`` runs :func:`loop_dispatch` up to ``E / 4`` (token, expert) pairs (one or two tokens of top-6 of 64)."""
+LOOP_MAX_PAIRS_PER_EXPERT = 0.125
+"""``auto`` runs :func:`loop_dispatch` up to ``E / 8`` (token, expert) pairs (one token of top-6 of 64)."""
 GROUPED_MAX_PAIRS_PER_EXPERT = 96
 """``auto`` runs :func:`grouped_dispatch` up to ``96 * E`` pairs without autograd (about 1000 tokens of top-6 of 64)."""
 POOL_MIN_PAIRS_PER_EXPERT = 2
@@ -194,9 +194,9 @@ def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int
     ``FORCE_PATH`` wins, then an explicit ``path``. ``"auto"`` chooses by the work's size, in rows
     per expert on average (``n_pairs / E``):
 
-    - up to :data:`LOOP_MAX_PAIRS_PER_EXPERT`: :func:`loop_dispatch`. Each chosen expert holds one or
-      two rows, its matmuls are matrix-vector products bound by reading its weights, and a sort plus
-      a host sync of ``E + 1`` bounds cost more than they save;
+    - up to :data:`LOOP_MAX_PAIRS_PER_EXPERT`: :func:`loop_dispatch` in the calling thread. Each chosen
+      expert holds one row, its matmuls are matrix-vector products bound by reading its weights, and a
+      sort, a host sync of ``E + 1`` bounds or a hand-off to pool threads cost more than they save;
     - without autograd, up to :data:`GROUPED_MAX_PAIRS_PER_EXPERT` (and where ``F.grouped_mm`` takes the
       operands, ``grouped_ok``, see :func:`grouped_supported`): :func:`grouped_dispatch`, the same sorted order with every expert's
       product in one ``F.grouped_mm`` call, which saves a Python round trip per expert;
@@ -217,8 +217,10 @@ def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int
         raise ValueError(f"path must be one of {PATHS}, got {path!r}; use 'auto' to choose by the work's size")
     if n_workers is not None:
         return (path if path in ("loop", "grouped") else "sorted"), n_workers
-    if path == "loop" or (path == "auto" and not needs_grad and n_pairs <= LOOP_MAX_PAIRS_PER_EXPERT * n_experts):
+    if path == "loop":
         return "loop", torch.get_num_threads()
+    if path == "auto" and not needs_grad and n_pairs <= LOOP_MAX_PAIRS_PER_EXPERT * n_experts:
+        return "loop", 1  # a few one-row products: handing them to pool threads costs more than they take
     if path == "grouped" or (path == "auto" and not needs_grad and grouped_ok
                              and n_pairs <= GROUPED_MAX_PAIRS_PER_EXPERT * n_experts):
         return "grouped", torch.get_num_threads()
