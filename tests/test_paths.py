@@ -103,23 +103,24 @@ def test_forced_path_layer_equals_transformers_output_and_gradients(path, monkey
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"{path}, {n_tokens} tokens: {name}")
 
 
-def test_auto_chooses_by_rows_per_expert(monkeypatch):
-    n_experts = 64
-    loop_max = experts.LOOP_MAX_PAIRS_PER_EXPERT * n_experts
-    pool_min = experts.POOL_MIN_PAIRS_PER_EXPERT * n_experts
-    grouped_max = experts.GROUPED_MAX_PAIRS_PER_EXPERT * n_experts
+def test_auto_chooses_by_the_size_of_the_work(monkeypatch):
+    n_experts, macs = 64, 512 * 256  # H x I of the benchmark's layer
+    loop_max = int(experts.LOOP_MAX_PAIRS_PER_EXPERT * n_experts)
+    grouped_max = experts.GROUPED_MAX_MACS_PER_EXPERT * n_experts // macs
     threads = torch.get_num_threads()
-    assert experts.choose_path(6, n_experts) == ("loop", 1)  # one token, top-6: in the calling thread
-    assert experts.choose_path(loop_max, n_experts) == ("loop", 1)
-    assert experts.choose_path(loop_max + 1, n_experts) == ("grouped", threads)
-    assert experts.choose_path(grouped_max, n_experts) == ("grouped", threads)
-    assert experts.choose_path(grouped_max + 1, n_experts) == ("sorted", threads)
-    assert experts.choose_path(loop_max + 1, n_experts, grouped_ok=False) == ("sorted", threads)
-    for n_pairs in (6, grouped_max):  # with autograd: the sorted dispatch and its hand-written backward
-        assert experts.choose_path(n_pairs, n_experts, needs_grad=True) == ("sorted", threads)
-    assert experts.choose_path(max(loop_max, pool_min) + 1, n_experts, grouped_ok=False) == ("sorted", threads)
+    assert experts.choose_path(6, n_experts, macs_per_pair=macs) == ("loop", 1)  # one token, top-6: this thread
+    assert experts.choose_path(loop_max, n_experts, macs_per_pair=macs) == ("loop", 1)
+    assert experts.choose_path(loop_max + 1, n_experts, macs_per_pair=macs) == ("grouped", threads)
+    assert experts.choose_path(grouped_max, n_experts, macs_per_pair=macs) == ("grouped", threads)
+    assert experts.choose_path(grouped_max + 1, n_experts, macs_per_pair=macs) == ("sorted", threads)
+    # with autograd: never the loop; the grouped path while small, then the sorted dispatch
+    assert experts.choose_path(6, n_experts, needs_grad=True, macs_per_pair=macs) == ("grouped", threads)
+    assert experts.choose_path(grouped_max + 1, n_experts, needs_grad=True, macs_per_pair=macs) == ("sorted", threads)
+    # where F.grouped_mm cannot run (float64, odd widths), or the size is unknown: the sorted dispatch
+    for kwargs in (dict(grouped_ok=False, macs_per_pair=macs), {}):
+        assert experts.choose_path(loop_max + 1, n_experts, **kwargs) == ("sorted", threads)
     monkeypatch.setattr(experts, "POOL_MIN_PAIRS_PER_EXPERT", 8)
-    assert experts.choose_path(loop_max + 1, n_experts, grouped_ok=False) == ("sorted", 1)  # one part
+    assert experts.choose_path(loop_max + 1, n_experts) == ("sorted", 1)  # below the pool bound: one part
     assert experts.choose_path(6, n_experts, "sorted") == ("sorted", threads)
     assert experts.choose_path(10**6, n_experts, "loop") == ("loop", threads)
     assert experts.choose_path(6, n_experts, n_workers=3) == ("sorted", 3)  # a thread count means the pool
@@ -135,7 +136,7 @@ def test_auto_runs_the_loop_for_one_token_and_the_sorted_dispatch_for_many(monke
     with torch.no_grad():
         layer(torch.randn(1, 1, 16))  # 2 pairs <= 16 / 8
         layer(torch.randn(1, 64, 16))  # 128 pairs
-    layer(torch.randn(1, 1, 16))  # with autograd: the sorted dispatch
+    layer(torch.randn(1, 1, 16))  # with autograd: not the loop
     assert calls == [1]
 
 

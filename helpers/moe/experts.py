@@ -170,8 +170,10 @@ FORCE_PATH: str | None = None
 """Set to ``"loop"``, ``"grouped"`` or ``"sorted"`` to make every :func:`dispatch` take that path (tests do)."""
 LOOP_MAX_PAIRS_PER_EXPERT = 0.125
 """``auto`` runs :func:`loop_dispatch` up to ``E / 8`` (token, expert) pairs (one token of top-6 of 64)."""
-GROUPED_MAX_PAIRS_PER_EXPERT = 96
-"""``auto`` runs :func:`grouped_dispatch` up to ``96 * E`` pairs without autograd (about 1000 tokens of top-6 of 64)."""
+GROUPED_MAX_MACS_PER_EXPERT = 2**24
+"""``auto`` runs :func:`grouped_dispatch` while an expert's average product, rows x ``H`` x ``I`` multiply-adds,
+stays under ``2**24`` (about 700 tokens of top-6 of 64 at H=512, I=256); bigger products run faster as whole
+experts per core."""
 POOL_MIN_PAIRS_PER_EXPERT = 2
 """``auto`` shares the experts over the thread pool from ``2 * E`` pairs on, where the grouped path does not run
 (raise it to split each expert's matmuls over the cores instead: that can win on an idle machine, and loses
@@ -188,29 +190,28 @@ def grouped_supported(u: Tensor, w_down: Tensor) -> bool:
 
 
 def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int | None = None, *,
-                needs_grad: bool = False, grouped_ok: bool = True) -> tuple[str, int]:
+                needs_grad: bool = False, grouped_ok: bool = True, macs_per_pair: int | None = None
+                ) -> tuple[str, int]:
     """Which way :func:`dispatch` computes ``n_pairs`` (token, expert) pairs: ``(path, n_workers)``.
 
-    ``FORCE_PATH`` wins, then an explicit ``path``. ``"auto"`` chooses by the work's size, in rows
-    per expert on average (``n_pairs / E``):
+    ``FORCE_PATH`` wins, then an explicit ``path``. ``"auto"`` chooses by the work's size:
 
-    - up to :data:`LOOP_MAX_PAIRS_PER_EXPERT`: :func:`loop_dispatch` in the calling thread. Each chosen
-      expert holds one row, its matmuls are matrix-vector products bound by reading its weights, and a
-      sort, a host sync of ``E + 1`` bounds or a hand-off to pool threads cost more than they save;
-    - without autograd, up to :data:`GROUPED_MAX_PAIRS_PER_EXPERT` (and where ``F.grouped_mm`` takes the
-      operands, ``grouped_ok``, see :func:`grouped_supported`): :func:`grouped_dispatch`, the same sorted order with every expert's
-      product in one ``F.grouped_mm`` call, which saves a Python round trip per expert;
-    - up to :data:`POOL_MIN_PAIRS_PER_EXPERT` (by default the same bound, so this range is empty):
-      the sorted dispatch, each expert's matmuls split over the machine's threads (``n_workers = 1``);
-    - beyond: the sorted dispatch with whole experts per thread (the thread pool), which saves a
-      synchronisation of all threads after every matmul; a barrier per small matmul is cheap on
-      idle cores and very expensive on cores that other programs share.
+    - up to :data:`LOOP_MAX_PAIRS_PER_EXPERT` pairs per expert, without autograd: :func:`loop_dispatch`
+      in the calling thread. Each chosen expert holds one row, its matmuls are matrix-vector products
+      bound by reading its weights, and a sort, a host sync of ``E + 1`` bounds or a hand-off to pool
+      threads cost more than they save. (With autograd, the loop's backward of each view ``w_gate_up[e]``
+      would zero-fill a gradient of the whole stacked weight once per expert used.)
+    - while an expert's average product, ``n_pairs / E * macs_per_pair`` multiply-adds with
+      ``macs_per_pair = H I``, stays under :data:`GROUPED_MAX_MACS_PER_EXPERT` (and ``F.grouped_mm``
+      takes the operands, ``grouped_ok``, see :func:`grouped_supported`): :func:`grouped_dispatch`, the
+      sorted order with every expert's product in one ``F.grouped_mm`` call (forward and backward);
+    - beyond, from :data:`POOL_MIN_PAIRS_PER_EXPERT` pairs per expert: the sorted dispatch with whole
+      experts per thread (the thread pool) and its hand-written backward, which saves a synchronisation
+      of all threads after every matmul; below that bound, each expert's matmuls split over the cores
+      (``n_workers = 1``).
 
-    An explicit ``n_workers`` asks for the sorted dispatch with that many parts. When gradients are
-    needed (``needs_grad``), ``"auto"`` never takes the loop: autograd's backward of each view
-    ``w_gate_up[e]`` writes a zero-filled gradient of the whole stacked weight, once per expert used
-    (many times the sorted dispatch's time at a few tokens: ``python -m helpers.bench moe --paths``
-    times both), while :class:`SortedDispatch` writes each expert's slice once.
+    An explicit ``n_workers`` keeps the path asked for and runs it in that many parts. The constants
+    come from ``python -m helpers.bench moe --paths``, which times every path.
     """
     path = FORCE_PATH or path
     if path not in PATHS:
@@ -221,8 +222,8 @@ def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int
         return "loop", torch.get_num_threads()
     if path == "auto" and not needs_grad and n_pairs <= LOOP_MAX_PAIRS_PER_EXPERT * n_experts:
         return "loop", 1  # a few one-row products: handing them to pool threads costs more than they take
-    if path == "grouped" or (path == "auto" and not needs_grad and grouped_ok
-                             and n_pairs <= GROUPED_MAX_PAIRS_PER_EXPERT * n_experts):
+    small = macs_per_pair is not None and n_pairs * macs_per_pair <= GROUPED_MAX_MACS_PER_EXPERT * n_experts
+    if path == "grouped" or (path == "auto" and grouped_ok and small):
         return "grouped", torch.get_num_threads()
     if path == "sorted" or n_pairs >= POOL_MIN_PAIRS_PER_EXPERT * n_experts:
         return "sorted", torch.get_num_threads()
@@ -291,7 +292,7 @@ def grouped_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Ten
     consecutive slices belong to one expert each (``offs`` holds the slice ends); ``F.grouped_mm`` multiplies
     each slice by its expert's weight in one call, ``h = x W_gate_up^T`` then ``o = a W_down^T``; the
     ``g``-weighted rows are added back to their tokens with ``index_add_`` (V3 eq. 12). Same numbers as the
-    loop over experts; autograd works through it (not used by ``auto``, see :func:`choose_path`).
+    loop over experts; autograd works through it (``F.grouped_mm`` has a backward).
     """
     if not grouped_supported(u, w_down):
         raise ValueError(f"the grouped path needs u in one of {GROUPED_DTYPES} with H and I multiples of 16 bytes, "
@@ -337,7 +338,7 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
                          f"with T = {u.shape[0]}, the rows of u")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down))
     path, n_workers = choose_path(indices.numel(), w_gate_up.shape[0], path, n_workers, needs_grad=needs_grad,
-                                  grouped_ok=grouped_supported(u, w_down))
+                                  grouped_ok=grouped_supported(u, w_down), macs_per_pair=w_down[0].numel())
     if path == "loop" and indices.numel():  # no pairs: the sorted path, whose output still has a backward
         return loop_dispatch(u, weights, indices, w_gate_up, w_down, n_workers)
     if path == "grouped" and indices.numel():
