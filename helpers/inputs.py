@@ -197,48 +197,24 @@ def check_expert_ids(name: str, ids: Any, n_experts: int, *, tokens: int | None 
 
 # ---- argparse types: a bad option stops the command with "argument --x: ..." before any work -------------
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number_type(cast: type, what: str, lowest_ok: float, strict: bool):
+    """An argparse type: ``cast(text)``, finite, above ``lowest_ok`` (or equal to it unless ``strict``)."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        in_range = value > lowest_ok if strict else value >= lowest_ok  # False for NaN
+        if not in_range or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
-    return value
+positive_int = _number_type(int, "a positive integer", 0, strict=True)
+non_negative_int = _number_type(int, "a non-negative integer", 0, strict=False)
+positive_float = _number_type(float, "a positive number", 0, strict=True)
+non_negative_float = _number_type(float, "a non-negative number", 0, strict=False)
 
 
 def output_dir(text: str) -> str:
