@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -39,18 +39,26 @@ def expert_parallel(fn: Callable[..., R], parts: list[tuple]) -> list[R]:
     An analogy of expert parallelism inside one process (real expert parallelism puts the experts on
     different devices and moves the tokens with all-to-all): instead of splitting every (small)
     expert matmul across the cores, which costs a synchronisation of all threads per matmul, each
-    core runs whole experts on its own. The intra-op thread count is set to 1 while the parts run (a process-wide setting) and
-    restored after; autograd is off in the workers (the callers handle gradients themselves).
+    core runs whole experts on its own. The calling thread runs the first part itself while pool
+    threads run the others. The intra-op thread count is 1 while the parts run (set in every thread
+    that runs one) and the caller's is restored after; autograd is off in the parts (the callers handle
+    gradients themselves).
     """
     def run(part: tuple) -> R:
+        torch.set_num_threads(1)  # per thread: a pool thread keeps the count it started with otherwise
         with torch.no_grad():
             return fn(*part)
 
     if len(parts) <= 1:
-        return [run(part) for part in parts]
+        with torch.no_grad():
+            return [fn(*part) for part in parts]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        return list(_thread_pool(len(parts)).map(run, parts))
+        others = [_thread_pool(len(parts) - 1).submit(run, part) for part in parts[1:]]
+        try:
+            first = run(parts[0])
+        finally:
+            wait(others)
+        return [first, *(future.result() for future in others)]
     finally:
         torch.set_num_threads(threads)
