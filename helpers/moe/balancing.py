@@ -23,12 +23,14 @@ from torch import Tensor
 from helpers.inputs import check_expert_ids, require_tensor
 
 
-def expert_load(indices: Tensor, n_experts: int) -> Tensor:
+def expert_load(indices: Tensor, n_experts: int, *, trusted: bool = False) -> Tensor:
     """Tokens routed to each expert, ``load_i = sum_t 1(i in chosen(t))``, as a float (E,) tensor.
 
-    ``indices`` (..., k) are integer expert ids in ``[0, n_experts)`` (checked: an id out of range raises).
+    ``indices`` (..., k) are integer expert ids in ``[0, n_experts)`` (checked: an id out of range raises;
+    ``trusted``: they come from the layer's own routing, no check).
     """
-    check_expert_ids("indices", indices, n_experts, rank=None)
+    if not trusted:
+        check_expert_ids("indices", indices, n_experts, rank=None)
     return torch.bincount(indices.reshape(-1), minlength=n_experts).float()
 
 
@@ -42,9 +44,7 @@ def max_violation(load: Tensor) -> Tensor:
         raise ValueError(f"load must be one count per expert [experts], got shape {tuple(load.shape)}: "
                          "pass expert_load(indices, n_experts)")
     mean = load.float().mean()
-    if mean == 0:
-        return mean.clone()
-    return (load.max() - mean) / mean
+    return (load.max() - mean) / mean.clamp(min=torch.finfo(mean.dtype).tiny)  # no tokens: 0 / tiny = 0
 
 
 @torch.no_grad()

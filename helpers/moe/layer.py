@@ -163,12 +163,13 @@ class DeepSeekMoE(nn.Module):
         scores = affinity(logits, self.scoring_func)  # (T, E)
         indices = select_experts((scores + self.bias.to(dtype)).detach(), self.top_k, self.n_group,
                                  self.topk_group, self.group_score)  # (T, k)
-        weights = gating_weights(scores, indices, self.norm_topk_prob, self.routed_scaling_factor)  # (T, k)
+        weights = gating_weights(scores, indices, self.norm_topk_prob, self.routed_scaling_factor,
+                                 trusted=True)  # (T, k)
         y = dispatch(x, weights, indices, self.w_gate_up, self.w_down)  # (T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
 
-        load = expert_load(indices, self.n_routed_experts)  # (E,)
+        load = expert_load(indices, self.n_routed_experts, trusted=True)  # (E,)
         if self.training:
             self.load_since_update += load
         self.last_stats = RoutingStats(load=load, max_vio=max_violation(load), weights=weights.detach(),

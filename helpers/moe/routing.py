@@ -87,7 +87,8 @@ def select_experts(scores_for_choice: Tensor, top_k: int, n_group: int = 1, topk
     return scores_for_choice.topk(top_k, dim=-1, sorted=False).indices  # (T, k)
 
 
-def gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed_scaling_factor: float) -> Tensor:
+def gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed_scaling_factor: float, *,
+                   trusted: bool = False) -> Tensor:
     """Gating values ``g_{i,t}`` of the chosen experts (V3 eq. 13-14, V2 eq. 21).
 
     The values come from the affinities ``s`` themselves, never from the biased ``s + b``: the bias
@@ -102,12 +103,15 @@ def gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed
         indices: (T, k) chosen experts.
         norm_topk_prob: renormalise the k values to sum to 1.
         routed_scaling_factor: scale applied last.
+        trusted: ``indices`` come from :func:`select_experts` on these scores (the layer's own call): skip
+            their checks, whose range test costs two host syncs per call.
 
     Returns:
         weights: (T, k), aligned with ``indices``.
     """
-    check_scores("scores", scores)
-    check_expert_ids("indices", indices, scores.shape[1], tokens=scores.shape[0])
+    if not trusted:
+        check_scores("scores", scores)
+        check_expert_ids("indices", indices, scores.shape[1], tokens=scores.shape[0])
     if not routed_scaling_factor > 0:
         raise ValueError(f"routed_scaling_factor must be positive, got {routed_scaling_factor!r}")
     weights = scores.gather(1, indices)  # (T, k)
