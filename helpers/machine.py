@@ -41,10 +41,43 @@ def read_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return n_bytes / _best_seconds(x.sum, repeats)
 
 
-def probe(gemm_size: int = 2048, read_bytes: int = 256 * 2**20, repeats: int = 5) -> dict[str, Any]:
-    """Both limits with what was measured: ``{"gemm_flops_per_s", "read_bytes_per_s", "gemm_size", ...}``."""
-    return {"gemm_flops_per_s": gemm_rate(gemm_size, repeats), "read_bytes_per_s": read_bandwidth(read_bytes, repeats),
-            "gemm_size": gemm_size, "read_bytes": read_bytes, "repeats": repeats, "threads": torch.get_num_threads()}
+def matvec_bandwidth(rows: int = 512, cols: int = 512, n_bytes: int = 64 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of matrix-vector products over many small matrices, each read once (best of ``repeats``).
+
+    ``torch.mv`` in turn over ``n_bytes`` of distinct ``(rows, cols)`` fp32 matrices (default: 64 of 1 MiB, an
+    expert's ``W_gate_up`` in the MoE benchmark, far above the caches): what the BLAS kernels make of the
+    bandwidth when a decode step reads its experts one small matrix at a time. Not a floor: a measure of
+    how far the kernels stay from :func:`read_bandwidth`.
+    """
+    weights = torch.rand(max(1, n_bytes // (4 * rows * cols)), rows, cols)
+    x = torch.rand(cols)
+    return weights.numel() * 4 / _best_seconds(lambda: [torch.mv(w, x) for w in weights], repeats)
+
+
+def skinny_gemm_rate(m: int = 16384, k: int = 576, n: int = 16, repeats: int = 5) -> float:
+    """FLOP/s of one tall-skinny product ``(m, k) @ (k, n)`` (``2 m k n`` FLOPs), best of ``repeats``.
+
+    The default is the scores of the absorbed MLA decode at 16k tokens of context and batch 1: 16k cached
+    latent+RoPE keys of width 576 against the 16 heads' queries. Not a floor: how far the BLAS kernel for
+    that shape stays from :func:`gemm_rate`.
+    """
+    a, b = torch.randn(m, k), torch.randn(n, k)
+    return 2 * m * k * n / _best_seconds(lambda: torch.mm(a, b.T), repeats)
+
+
+def probe(gemm_size: int = 2048, read_bytes: int = 256 * 2**20, repeats: int = 5, *, kernels: bool = True
+          ) -> dict[str, Any]:
+    """Both limits with what was measured: ``{"gemm_flops_per_s", "read_bytes_per_s", "gemm_size", ...}``.
+
+    ``kernels`` adds what two small-work kernels achieve (``matvec_bytes_per_s``, :func:`matvec_bandwidth`;
+    ``skinny_gemm_flops_per_s``, :func:`skinny_gemm_rate`), beside the limits, to say where a gap comes from.
+    """
+    probes = {"gemm_flops_per_s": gemm_rate(gemm_size, repeats), "read_bytes_per_s": read_bandwidth(read_bytes, repeats),
+              "gemm_size": gemm_size, "read_bytes": read_bytes, "repeats": repeats, "threads": torch.get_num_threads()}
+    if kernels:
+        probes.update(matvec_bytes_per_s=matvec_bandwidth(repeats=repeats),
+                      skinny_gemm_flops_per_s=skinny_gemm_rate(repeats=repeats))
+    return probes
 
 
 def floor_seconds(bytes_read: float, flops: float, probes: dict[str, Any]) -> float:
@@ -58,4 +91,7 @@ def describe(probes: dict[str, Any]) -> str:
     """One line: the measured GEMM rate (GFLOP/s) and read bandwidth (GB/s)."""
     return (f"machine: fp32 GEMM {probes['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s ({probes['gemm_size']}^3), "
             f"read bandwidth {probes['read_bytes_per_s'] / 1e9:.1f} GB/s (sum of {probes['read_bytes'] // 2**20} MiB), "
-            f"{probes['threads']} threads")
+            f"{probes['threads']} threads"
+            + (f"; kernels: matrix-vector products over 1 MiB matrices {probes['matvec_bytes_per_s'] / 1e9:.1f} GB/s, "
+               f"(16384 x 576) @ (576 x 16) {probes['skinny_gemm_flops_per_s'] / 1e9:.0f} GFLOP/s"
+               if "matvec_bytes_per_s" in probes else ""))

@@ -114,6 +114,7 @@ def test_floors_are_the_larger_of_reading_and_computing():
     with pytest.raises(ValueError, match="bytes_read and flops"):
         machine.floor_seconds(-1, 0, probes)
     measured = machine.probe(gemm_size=64, read_bytes=2**20, repeats=1)
+    assert measured["matvec_bytes_per_s"] > 0 and measured["skinny_gemm_flops_per_s"] > 0
     assert measured["gemm_flops_per_s"] > 0 and measured["read_bytes_per_s"] > 0
     assert "GFLOP/s" in machine.describe(measured)
 

@@ -23,8 +23,9 @@ from helpers.utils import require_positive
 PATHS = ("auto", "loop", "grouped", "sorted")
 FORCE_PATH: str | None = None
 """Set to ``"loop"``, ``"grouped"`` or ``"sorted"`` to make every :func:`dispatch` take that path (tests do)."""
-LOOP_MAX_PAIRS_PER_EXPERT = 0.125
-"""``auto`` runs :func:`loop_dispatch` up to ``E / 8`` (token, expert) pairs (one token of top-6 of 64)."""
+LOOP_MAX_PAIRS_PER_EXPERT = 0.25
+"""``auto`` runs :func:`loop_dispatch` up to ``E / 4`` (token, expert) pairs (two tokens of top-6 of 64: measured
+faster than the grouped path at 1 and 2 tokens, even at 3 and 4, slower from 6 on)."""
 GROUPED_MAX_MACS_PER_EXPERT = 2**24
 """``auto`` runs :func:`grouped_dispatch` while an expert's average product, rows x ``H`` x ``I`` multiply-adds,
 stays under ``2**24`` (about 700 tokens of top-6 of 64 at H=512, I=256); bigger products run faster as whole
