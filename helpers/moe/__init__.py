@@ -31,7 +31,6 @@ from helpers.moe.balancing import (
                                    update_bias,
 )
 from helpers.moe.experts import dispatch
-from helpers.moe.sorted_dispatch import SortedDispatch, sort_by_expert, sum_parts
 from helpers.moe.layer import DeepSeekMoE, RoutingStats
 from helpers.moe.routing import (
                                    GROUP_SCORES,
@@ -44,6 +43,7 @@ from helpers.moe.routing import (
                                    select_experts,
                                    validate_routing,
 )
+from helpers.moe.sorted_dispatch import SortedDispatch, sort_by_expert, sum_parts
 from helpers.moe.threads import expert_parallel, split_experts
 
 __all__ = ["SwiGLU", "DeepSeekMoE", "RoutingStats", "route", "affinity", "select_experts", "gating_weights",

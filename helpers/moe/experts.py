@@ -19,7 +19,6 @@ from helpers.moe.loop import loop_dispatch
 from helpers.moe.sorted_dispatch import SortedDispatch, _sorted_forward, sort_by_expert
 from helpers.utils import require_positive
 
-
 PATHS = ("auto", "loop", "grouped", "sorted")
 FORCE_PATH: str | None = None
 """Set to ``"loop"``, ``"grouped"`` or ``"sorted"`` to make every :func:`dispatch` take that path (tests do)."""
