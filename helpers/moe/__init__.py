@@ -5,7 +5,7 @@ module               holds
 ===================  ==========================================================================================
 ``routing``          the router: affinities, group-limited top-k, gating values (V3 eq. 13-16)
 ``experts``          :func:`dispatch`, the experts of eq. 12, and the choice of its path by the work's size
-``loop``             the path of a few tokens: a loop over the chosen experts, whole experts per core
+``loop``             the path of a few tokens: a loop over the chosen experts in the calling thread
 ``sorted_dispatch``  the path of many tokens: sort the pairs, two matmuls per expert, hand-written backward
 ``threads``          whole experts per CPU core (an analogy of expert parallelism, notebook 11)
 ``balancing``        MaxVio, the auxiliary-loss-free bias, V2's and V3's auxiliary losses

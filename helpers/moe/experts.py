@@ -1,9 +1,9 @@
 """The experts of V3 eq. 12 and the three ways to compute them, chosen by the work's size.
 
-:func:`dispatch` is ``sum_i g_{i,t} FFN_i(u_t)`` over the chosen experts, plus the shared experts when
-given. It runs one of three paths (:func:`choose_path`, notebook 11's optional part):
+:func:`dispatch` is ``sum_i g_{i,t} FFN_i(u_t)`` over the chosen experts. It runs one of three paths
+(:func:`choose_path`, notebook 11's optional part):
 
-- ``loop`` (:mod:`helpers.moe.loop`): a few tokens, a loop over the chosen experts, whole experts per core;
+- ``loop`` (:mod:`helpers.moe.loop`): a few tokens, a loop over the chosen experts in the calling thread;
 - ``grouped`` (:func:`grouped_dispatch`): the pairs sorted by expert, every expert in one ``F.grouped_mm``;
 - ``sorted`` (:mod:`helpers.moe.sorted_dispatch`): the pairs sorted by expert, two matmuls per expert on
   whole experts per core, and a hand-written backward.
@@ -54,8 +54,8 @@ def choose_path(n_pairs: int, n_experts: int, path: str = "auto", n_workers: int
     - up to :data:`LOOP_MAX_PAIRS_PER_EXPERT` pairs per expert, without autograd: :func:`loop_dispatch`,
       in the calling thread. Each chosen expert holds a row or two, its matmuls are matrix-vector
       products bound by reading its weights, and a sort, a host sync of ``E + 1`` bounds or a hand-off
-      to pool threads costs more than it saves. (With autograd, the loop's backward of each view ``w_gate_up[e]`` would zero-fill a
-      gradient of the whole stacked weight once per expert used.)
+      to pool threads costs more than it saves. (With autograd, the loop's backward of each view
+      ``w_gate_up[e]`` would zero-fill a gradient of the whole stacked weight once per expert used.)
     - while an expert's average product, ``n_pairs / E * macs_per_pair`` multiply-adds with
       ``macs_per_pair = H I``, stays under :data:`GROUPED_MAX_MACS_PER_EXPERT` (and ``F.grouped_mm``
       takes the operands, ``grouped_ok``, see :func:`grouped_supported`): :func:`grouped_dispatch`, the

@@ -26,7 +26,7 @@ from helpers.moe.threads import expert_parallel
 
 def _one_row_experts(u: Tensor, g: Tensor, top_k: int, w_gate_up: Tensor, w_down: Tensor,
                      singles: list[tuple[int, int]], y: Tensor) -> None:
-    """Adds ``g FFN_e(u_t)`` to ``y`` for experts that hold one pair ``(e, pair)`` each (no autograd).
+    """Adds ``g FFN_e(u_t)`` to ``y`` for experts that hold one pair ``(e, pair)`` each.
 
     The matrix-vector products are stacked, and the activation and the gating values run once over all
     of them: four small ops per expert fewer than one at a time. (Writing the products into rows of a
@@ -48,7 +48,8 @@ def _run_part(u: Tensor, g: Tensor, top_k: int, w_gate_up: Tensor, w_down: Tenso
               jobs: list[tuple[int, list[int]]], batch_singles: bool) -> Tensor:
     """The sum of some experts' outputs (T, H); a job is ``(e, pairs)``, an expert and its pairs.
 
-    ``batch_singles`` (no autograd: it writes into buffers): one-row experts go through :func:`_one_row_experts`.
+    ``batch_singles``: one-row experts go through :func:`_one_row_experts` (without autograd; with it, every
+    expert runs ``F.linear`` like the other paths, so their gradients match them as the tests require).
     """
     y = torch.zeros_like(u)  # (T, H)
     n_inter = w_down.shape[-1]
