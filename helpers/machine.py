@@ -65,19 +65,16 @@ def skinny_gemm_rate(m: int = 16384, k: int = 576, n: int = 16, repeats: int = 5
     return 2 * m * k * n / _best_seconds(lambda: torch.mm(a, b.T), repeats)
 
 
-def probe(gemm_size: int = 2048, read_bytes: int = 256 * 2**20, repeats: int = 5, *, kernels: bool = True
-          ) -> dict[str, Any]:
+def probe(gemm_size: int = 2048, read_bytes: int = 256 * 2**20, repeats: int = 5) -> dict[str, Any]:
     """Both limits with what was measured: ``{"gemm_flops_per_s", "read_bytes_per_s", "gemm_size", ...}``.
 
-    ``kernels`` adds what two small-work kernels achieve (``matvec_bytes_per_s``, :func:`matvec_bandwidth`;
-    ``skinny_gemm_flops_per_s``, :func:`skinny_gemm_rate`), beside the limits, to say where a gap comes from.
+    Beside the limits, what two small-work kernels achieve (``matvec_bytes_per_s``, :func:`matvec_bandwidth`;
+    ``skinny_gemm_flops_per_s``, :func:`skinny_gemm_rate`), to say where a gap to a floor comes from.
     """
-    probes = {"gemm_flops_per_s": gemm_rate(gemm_size, repeats), "read_bytes_per_s": read_bandwidth(read_bytes, repeats),
-              "gemm_size": gemm_size, "read_bytes": read_bytes, "repeats": repeats, "threads": torch.get_num_threads()}
-    if kernels:
-        probes.update(matvec_bytes_per_s=matvec_bandwidth(repeats=repeats),
-                      skinny_gemm_flops_per_s=skinny_gemm_rate(repeats=repeats))
-    return probes
+    return {"gemm_flops_per_s": gemm_rate(gemm_size, repeats), "read_bytes_per_s": read_bandwidth(read_bytes, repeats),
+            "matvec_bytes_per_s": matvec_bandwidth(repeats=repeats),
+            "skinny_gemm_flops_per_s": skinny_gemm_rate(repeats=repeats),
+            "gemm_size": gemm_size, "read_bytes": read_bytes, "repeats": repeats, "threads": torch.get_num_threads()}
 
 
 def floor_seconds(bytes_read: float, flops: float, probes: dict[str, Any]) -> float:
@@ -88,10 +85,9 @@ def floor_seconds(bytes_read: float, flops: float, probes: dict[str, Any]) -> fl
 
 
 def describe(probes: dict[str, Any]) -> str:
-    """One line: the measured GEMM rate (GFLOP/s) and read bandwidth (GB/s)."""
+    """One line: the measured GEMM rate (GFLOP/s), read bandwidth (GB/s) and the two kernel rates."""
     return (f"machine: fp32 GEMM {probes['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s ({probes['gemm_size']}^3), "
             f"read bandwidth {probes['read_bytes_per_s'] / 1e9:.1f} GB/s (sum of {probes['read_bytes'] // 2**20} MiB), "
-            f"{probes['threads']} threads"
-            + (f"; kernels: matrix-vector products over 1 MiB matrices {probes['matvec_bytes_per_s'] / 1e9:.1f} GB/s, "
-               f"(16384 x 576) @ (576 x 16) {probes['skinny_gemm_flops_per_s'] / 1e9:.0f} GFLOP/s"
-               if "matvec_bytes_per_s" in probes else ""))
+            f"{probes['threads']} threads; kernels: matrix-vector products over 1 MiB matrices "
+            f"{probes['matvec_bytes_per_s'] / 1e9:.1f} GB/s, "
+            f"(16384 x 576) @ (576 x 16) {probes['skinny_gemm_flops_per_s'] / 1e9:.0f} GFLOP/s")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from helpers.moe.loop import loop_dispatch
-from helpers.moe.sorted_dispatch import SortedDispatch, _sorted_forward, sort_by_expert
+from helpers.moe.sorted_dispatch import SortedDispatch, sort_by_expert, sorted_forward
 from helpers.utils import require_positive
 
 PATHS = ("auto", "loop", "grouped", "sorted")
@@ -145,7 +145,7 @@ def dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_d
         return grouped_dispatch(u, weights, indices, w_gate_up, w_down)
     if needs_grad:
         return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
-    return _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]
+    return sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]
 
 
 def run_experts(rows: Tensor, expert_ids: Tensor, w_gate_up: Tensor, w_down: Tensor,

@@ -90,7 +90,7 @@ def _routed_backward(grad_y: Tensor, u: Tensor, g: Tensor, token: Tensor, bounds
             grad_u.index_add_(0, tok, dh @ w_gate_up[e])
 
 
-def _sorted_forward(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor, n_workers: int,
+def sorted_forward(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor, n_workers: int,
                     keep_h: bool) -> tuple[Tensor, tuple]:
     """Sort the pairs, run the experts in ``n_workers`` parts, sum the parts: ``y`` (T, H) and what the backward needs."""
     order, token, bounds = sort_by_expert(indices, w_gate_up.shape[0])
@@ -127,7 +127,7 @@ class SortedDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
                 n_workers: int) -> Tensor:
-        y, (order, token, g, bounds, parts) = _sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers,
+        y, (order, token, g, bounds, parts) = sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers,
                                                               keep_h=True)
         ctx.save_for_backward(u, w_gate_up, w_down, order, token, g, *(h for *_, hs in parts for h in hs))
         ctx.bounds, ctx.ranges = bounds, [experts for experts, *_ in parts]
