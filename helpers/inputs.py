@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import pathlib
 from collections.abc import Iterable
 from typing import Any
@@ -78,8 +79,12 @@ def check_hidden(name: str, x: Any, hidden_size: int, weight: Tensor, *, rank: i
 
 
 def check_finite(name: str, x: Tensor, why: str) -> None:
-    """``ValueError`` if ``x`` holds NaN or an infinity (``why``: what it would corrupt)."""
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    """``ValueError`` if ``x`` holds NaN or an infinity (``why``: what it would corrupt).
+
+    One pass over ``x`` without a temporary: ``aminmax`` propagates NaN and an infinity is the minimum or the
+    maximum, so both are finite exactly when every value is (``isfinite(x).all()`` makes a boolean copy first).
+    """
+    if x.numel() and not all(math.isfinite(v) for v in torch.aminmax(x)):
         n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
         raise ValueError(f"{name} holds {n_nan} NaN and {n_inf} infinite value(s) of {x.numel()}; {why}. Find the "
                          f"step that produced them (e.g. torch.autograd.set_detect_anomaly(True)), or lower the "

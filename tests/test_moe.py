@@ -11,6 +11,7 @@ from helpers.moe import (
     dispatch,
     expert_parallel,
     gating_weights,
+    max_violation,
     route,
     select_experts,
     sort_by_expert,
@@ -194,12 +195,22 @@ def test_layer_equals_its_definition():
     torch.testing.assert_close(y.reshape(-1, 16), want)
 
 
-
-
-
-
-
-
+@pytest.mark.parametrize("training", [False, True])
+def test_last_stats_describe_the_last_forward(training):
+    """``last_stats`` is computed when read; it is that of the newest forward, never a stale one."""
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(16, 8, 8, 2).train(training)
+    assert layer.last_stats is None
+    total = torch.zeros(8)
+    for x in (torch.randn(1, 5, 16), torch.randn(2, 3, 16)):
+        layer(x)
+        stats = layer.last_stats
+        assert stats is layer.last_stats  # read twice, computed once
+        assert stats.indices.shape == (x.shape[0] * x.shape[1], 2)
+        torch.testing.assert_close(stats.load, torch.bincount(stats.indices.reshape(-1), minlength=8).float())
+        torch.testing.assert_close(stats.max_vio, max_violation(stats.load))
+        total += stats.load
+    torch.testing.assert_close(layer.load_since_update, total if training else torch.zeros(8))
 
 
 def test_gradcheck_float64():

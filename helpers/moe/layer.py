@@ -88,8 +88,8 @@ class DeepSeekMoE(nn.Module):
     Parameters: ``gate_weight`` (E, H) (the centroids ``e_i``), buffer ``bias`` (E,) (``b_i``, no
     gradient), ``w_gate_up`` (E, 2I, H), ``w_down`` (E, H, I), ``shared_experts`` (a :class:`SwiGLU` or None).
 
-    ``forward`` returns only the output; after it, ``self.last_stats`` (a :class:`RoutingStats`) and
-    ``self.aux_loss`` (a scalar tensor, 0 when both alphas are 0) hold the statistics and the loss.
+    ``forward`` returns only the output; after it, ``self.last_stats`` (a :class:`RoutingStats`, computed when
+    first read) and ``self.aux_loss`` (a scalar tensor, 0 when both alphas are 0) hold the statistics and the loss.
 
     Both auxiliary losses average the per-token *normalised* scores ``s' = s / sum_j s`` (V3 eq. 19),
     also with ``scoring_func="sigmoid"`` and ``aux_loss_alpha``: V2's formula on raw sigmoid scores
@@ -131,7 +131,8 @@ class DeepSeekMoE(nn.Module):
         self.shared_experts = (SwiGLU(hidden_size, moe_intermediate_size * n_shared_experts)
                                if n_shared_experts else None)
         self.register_buffer("load_since_update", torch.zeros(n_routed_experts), persistent=False)
-        self.last_stats: RoutingStats | None = None
+        self._routed: tuple[Tensor, Tensor, Tensor | None] | None = None  # the last forward's (weights, indices, load)
+        self._stats: RoutingStats | None = None
         self.aux_loss = torch.zeros(())
         self.reset_parameters()
 
@@ -169,13 +170,27 @@ class DeepSeekMoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
 
-        load = expert_load(indices, self.n_routed_experts, trusted=True)  # (E,)
+        load = None
         if self.training:
+            load = expert_load(indices, self.n_routed_experts, trusted=True)  # (E,)
             self.load_since_update += load
-        self.last_stats = RoutingStats(load=load, max_vio=max_violation(load), weights=weights.detach(),
-                                       indices=indices)
+        self._routed, self._stats = (weights.detach(), indices, load), None
         self.aux_loss = self._aux_loss(scores, indices, shape)
         return y.reshape(shape)
+
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """What the last forward routed (None before the first), computed when first read after it.
+
+        Lazy because a decode step at inference reads no statistics: at a few tokens, the load and MaxVio ops
+        cost about as much as the router on a CPU.
+        """
+        if self._stats is None and self._routed is not None:
+            weights, indices, load = self._routed
+            if load is None:
+                load = expert_load(indices, self.n_routed_experts, trusted=True)  # (E,)
+            self._stats = RoutingStats(load=load, max_vio=max_violation(load), weights=weights, indices=indices)
+        return self._stats
 
     def _aux_loss(self, scores: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
         loss = scores.new_zeros(())
