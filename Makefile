@@ -70,6 +70,8 @@ parallel-check: install  ## the expert-parallel layer on 2, 3 and 4 processes ag
 
 bench: install  ## the MoE, MLA, DSA and capstone benchmarks (minutes; not part of the tests); saves medians, writes the README's tables
 	$(BIN)/python -m helpers.bench moe --threads 2 --paths --save notebooks/results/bench_moe.json
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m helpers.bench moe --threads 2 --paths --no-backward \
+		--save notebooks/results/bench_moe_passive.json
 	$(BIN)/python -m helpers.bench mla --threads 2 --save notebooks/results/bench_mla.json
 	$(BIN)/python -m helpers.bench dsa --threads 2 --repeats 15 --save notebooks/results/bench_dsa.json
 	$(BIN)/python -m helpers.bench model --threads 2 --save notebooks/results/bench_model.json

@@ -10,6 +10,7 @@ Command line: ``python -m helpers.bench moe``, ``python -m helpers.bench mla`` o
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 import statistics
 import sys
@@ -68,9 +69,11 @@ class BenchResult:
 
 
 def environment_line() -> str:
-    """Threads, versions and processor: every benchmark table starts with this."""
+    """Threads, versions and processor, and ``OMP_WAIT_POLICY`` if set: every benchmark table starts with this."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{platform.machine()} {platform.processor() or ''}".rstrip() + f", python {platform.python_version()}")
+            f"{platform.machine()} {platform.processor() or ''}".rstrip() + f", python {platform.python_version()}"
+            + (f", OMP_WAIT_POLICY={policy}" if policy else ""))
 
 
 def benchmark(variants: Mapping[str, Callable[[], Any]], *, baseline: str | None = None, warmup: int = 2,

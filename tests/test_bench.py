@@ -16,6 +16,30 @@ def test_benchmark_interleaves_and_reports_medians_and_ratios():
     assert "threads" in table and "tokens=8" in table and "x a" in table
 
 
+def test_environment_line_names_the_openmp_wait_policy_when_set(monkeypatch):
+    from helpers.bench import environment_line
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert "OMP_WAIT_POLICY" not in environment_line()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert environment_line().endswith(", OMP_WAIT_POLICY=PASSIVE")
+
+
+def test_the_saved_moe_benchmarks_ran_under_the_policies_they_compare():
+    """notebooks/results/bench_moe*.json (notebook 11, O.4): the same layer and token counts, default and PASSIVE."""
+    import pathlib
+
+    from helpers.moe import bench as bench_moe
+
+    results = pathlib.Path(__file__).parent.parent / "notebooks" / "results"
+    default, passive = (bench_moe.load_saved(results / name) for name in ("bench_moe.json", "bench_moe_passive.json"))
+    assert "OMP_WAIT_POLICY" not in default["environment"]
+    assert passive["environment"].endswith("OMP_WAIT_POLICY=PASSIVE")
+    assert default["layer"] == passive["layer"] == bench_moe.STANDARD
+    assert sorted(default["sweep forward"]) == sorted(passive["sweep forward"])
+    assert {"ours", "ours, loop", "ours, sorted", "transformers grouped_mm"} <= set(passive["sweep forward"][1])
+
+
 def test_benchmark_rejects_bad_arguments():
     with pytest.raises(ValueError, match="variants"):
         benchmark({})

@@ -24,6 +24,10 @@ to the forward sweep, to see where :func:`helpers.moe.experts.choose_path` shoul
 run (about 3 minutes on 2 idle cores)::
 
     python -m helpers.bench moe --threads 2 --paths --save notebooks/results/bench_moe.json
+
+``make bench`` runs the forward part a second time with ``OMP_WAIT_POLICY=PASSIVE`` in the environment (PyTorch's
+OpenMP threads then sleep between parallel operations instead of spinning; notebook 11, O.4) and saves it as
+``bench_moe_passive.json``; the environment line of every table names the policy when it is set.
 """
 
 from __future__ import annotations
