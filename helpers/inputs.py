@@ -84,7 +84,7 @@ def check_finite(name: str, x: Tensor, why: str) -> None:
     One pass over ``x`` without a temporary: ``aminmax`` propagates NaN and an infinity is the minimum or the
     maximum, so both are finite exactly when every value is (``isfinite(x).all()`` makes a boolean copy first).
     """
-    if x.numel() and not all(math.isfinite(v) for v in torch.aminmax(x)):
+    if x.numel() and not all(math.isfinite(v) for v in torch.aminmax(x.detach())):
         n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
         raise ValueError(f"{name} holds {n_nan} NaN and {n_inf} infinite value(s) of {x.numel()}; {why}. Find the "
                          f"step that produced them (e.g. torch.autograd.set_detect_anomaly(True)), or lower the "

@@ -7,6 +7,7 @@ Every table row is (what the learner did, the call, the exception type, words th
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -215,6 +216,18 @@ def test_nan_policy_refuses_before_counting_even_in_eval():
         with pytest.raises(ValueError, match="NaN"):
             m(with_nan((4, H)))
         assert m.last_stats is None and not m.load_since_update.any()
+
+
+def test_the_nan_check_is_silent_on_inputs_that_need_gradients():
+    """The entry check reads two values of the input; with autograd on they must not warn (detached first)."""
+    m = moe()
+    x = torch.randn(2, 5, H, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x).sum().backward()
+    assert x.grad is not None
+    with pytest.raises(ValueError, match="NaN"):
+        m(with_nan((4, H)).requires_grad_())
 
 
 @pytest.mark.parametrize("factory", [lambda: (mla(), LatentCache()), lambda: (dsa(), SparseLatentCache())],
