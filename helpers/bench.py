@@ -122,7 +122,7 @@ SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench", "dsa": "helper
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in SUITES:
-        from helpers.inputs import closest_name
+        from helpers.rules import closest_name
 
         got = f"; got {argv[0]!r}{closest_name(argv[0], SUITES)}" if argv else ""
         raise SystemExit(f"usage: python -m helpers.bench {{{','.join(SUITES)}}} [options]{got}")

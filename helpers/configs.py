@@ -20,8 +20,7 @@ from transformers import (
     PretrainedConfig,
 )
 
-from helpers.inputs import closest_name
-from helpers.utils import require_positive, validate_routing
+from helpers.rules import closest_name, validate_deepseek_fields
 
 # Small enough for a laptop, big enough that every code path is exercised:
 # query compression on, groups with topk_group < n_group, shared experts, a dense first layer.
@@ -79,39 +78,8 @@ def config_fields(cls: type) -> frozenset[str]:
     names = set(cls().to_dict())
     for owner in (cls, PretrainedConfig):
         names |= set(inspect.signature(owner.__init__).parameters)
-    names |= {"attn_implementation", "experts_implementation", "num_mtp_layers"}
+    names |= {"attn_implementation", "experts_implementation", "num_mtp_layers", "moe_backend", "attention_backend"}
     return frozenset(names - {"self", "kwargs"})
-
-
-def validate_deepseek_fields(fields: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the field if a DeepSeek config cannot describe a working model.
-
-    Sizes must be positive integers, counts that may be zero (shared experts, dense layers, MTP modules)
-    non-negative integers, and rates (``routed_scaling_factor``, ``rms_norm_eps``) positive numbers.
-    """
-    require_positive(**{k: fields.get(k) for k in (
-        "hidden_size", "num_attention_heads", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
-        "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
-        "moe_intermediate_size", "num_hidden_layers", "n_group", "topk_group", "vocab_size",
-        "intermediate_size", "max_position_embeddings", "index_topk", "index_n_heads", "index_head_dim")})
-    for name in ("n_shared_experts", "first_k_dense_replace", "num_mtp_layers"):
-        value = fields.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"{name} must be a non-negative integer (0 turns it off), got {value!r}")
-    for name, low in (("routed_scaling_factor", 0.0), ("rms_norm_eps", 0.0), ("initializer_range", None),
-                      ("attention_dropout", None)):
-        value = fields.get(name)
-        if value is None:
-            continue
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            value > low if low is not None else value >= 0)
-        if not ok or value != value:
-            want = "a positive number" if low is not None else "a number >= 0"
-            raise ValueError(f"{name} must be {want}, got {value!r}")
-    if fields.get("qk_rope_head_dim", 2) % 2:
-        raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {fields['qk_rope_head_dim']}")
-    validate_routing(fields.get("n_routed_experts", 1), fields.get("num_experts_per_tok", 1),
-                     fields.get("n_group") or 1, fields.get("topk_group") or 1)
 
 
 def deepseek_v3() -> DeepseekV3Config:

@@ -5,8 +5,8 @@ range or value) whose message names the argument, says what was expected and wha
 The layers call one function each at the top of ``forward`` (:func:`check_moe_input`,
 :func:`check_attention_input`, :func:`check_input_ids`); the routing and balancing functions call
 :func:`check_scores` and :func:`check_expert_ids`; the commands use the ``argparse`` types
-(:func:`positive_int`, :func:`non_negative_int`, :func:`positive_float`, :func:`output_path`); configs use
-:func:`closest_name` for mistyped fields.
+(:func:`positive_int`, :func:`non_negative_int`, :func:`positive_float`, :func:`output_path`). Checks of
+configuration values run once, when a layer is built, and live in :mod:`helpers.rules`.
 
 NaN policy: the MoE layer refuses a router input holding NaN or an infinity (``ValueError``, before any
 statistic changes). ``topk`` over NaN scores picks experts arbitrarily, so the load counters that steer the
@@ -19,10 +19,8 @@ This module imports only ``torch`` (no ``transformers``), so the layers stay qui
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import pathlib
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,12 +29,6 @@ from torch import Tensor
 
 def _shape(x: Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
-
-
-def closest_name(name: str, valid: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` with the closest valid name, or ``""`` if none is close."""
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def require_tensor(name: str, x: Any, layout: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.utils import require_positive
+from helpers.rules import require_positive
 
 
 class SwiGLU(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from helpers.configs import tiny_config
-from helpers.model.config import check_config
 from helpers.model.model import DeepSeekV3
+from helpers.rules import check_config
 
 BAD = [
     ("mistyped expert count", dict(n_routed_expert=4), ["n_routed_expert", "did you mean 'n_routed_experts'"]),

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from helpers import seed_everything
+from helpers.rules import require_positive
 from helpers.teaching.plotting import axes
-from helpers.utils import require_positive
 
 
 def test_seed_everything_repeats_random_streams():

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from helpers.mla.cache import GrowingBuffer
 from helpers.mla.rope import apply_rope, rope_cos_sin
-from helpers.utils import require_positive
+from helpers.rules import require_positive
 
 
 def index_scores(q: Tensor, k: Tensor, weights: Tensor, softmax_scale: float) -> Tensor:

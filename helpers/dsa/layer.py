@@ -17,7 +17,7 @@ from helpers.dsa.attention import sparse_absorbed_attention
 from helpers.dsa.indexer import IndexerKeyCache, LightningIndexer, select_topk
 from helpers.inputs import check_attention_input
 from helpers.mla import LatentCache, MultiHeadLatentAttention, absorbed_attention
-from helpers.utils import require_positive
+from helpers.rules import require_positive
 
 
 class SparseLatentCache(LatentCache):

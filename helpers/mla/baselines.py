@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from helpers.mla.cache import KVCache, causal_mask
 from helpers.mla.rope import apply_rope, rope_cos_sin
-from helpers.utils import require_positive
+from helpers.rules import require_positive
 
 
 class MultiHeadAttention(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from helpers.utils import require_positive
+from helpers.rules import require_positive
 
 
 class GrowingBuffer:
@@ -32,7 +32,27 @@ class GrowingBuffer:
         self.axis = axis
         self.max_length = max_length
         self.length = 0
+        self.owner: object | None = None  # the layer that filled it (see bind)
         self._buffers: list[Tensor] = []
+
+    def bind(self, layer: object) -> None:
+        """Tie this cache to ``layer`` on its first use; ``ValueError`` if another layer already filled it.
+
+        Two attention layers writing into one cache would each read the other's entries as their own past
+        and corrupt both outputs without a word: every layer needs its own cache (``layer.new_cache()``).
+        """
+        if self.owner is None:
+            self.owner = layer
+        elif self.owner is not layer:
+            raise ValueError(f"this {type(self).__name__} already holds the entries of another "
+                             f"{type(self.owner).__name__}: give every attention layer its own cache "
+                             "(layer.new_cache(), or model.new_caches() for a whole model)")
+
+    def truncate(self, length: int) -> None:
+        """Forget every entry from ``length`` on (a rejected draft, a re-timed step); the buffers stay allocated."""
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= self.length:
+            raise ValueError(f"length must be an integer in 0..{self.length} (the cached entries), got {length!r}")
+        self.length = length
 
     def append(self, *new: Tensor) -> tuple[Tensor, ...]:
         """Write ``new`` (each ``T`` entries long along ``axis``) after the filled part; return all entries."""

@@ -34,7 +34,7 @@ from helpers.inputs import check_attention_input
 from helpers.mla.attention import absorbed_attention, naive_attention
 from helpers.mla.cache import LatentCache
 from helpers.mla.rope import apply_rope, rope_cos_sin
-from helpers.utils import require_positive
+from helpers.rules import require_positive
 
 
 class MultiHeadLatentAttention(nn.Module):

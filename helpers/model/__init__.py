@@ -3,7 +3,6 @@
 =================  ===========================================================================
 module             holds
 =================  ===========================================================================
-``config``         :func:`check_config`: the ``DeepseekV3Config`` fields we implement, errors for others
 ``model``          :class:`DeepSeekV3`, :class:`DecoderBlock`, :class:`MTPModule` (V3 §2.2)
 ``generate``       prefill + decode over the latent cache; greedy, temperature, top-p; MTP drafts
 ``hf``             to and from ``DeepseekV3ForCausalLM``, export to a ``from_pretrained`` directory
@@ -13,8 +12,8 @@ module             holds
 =================  ===========================================================================
 """
 
-from helpers.model.config import check_config
 from helpers.model.generate import generate
 from helpers.model.model import DecoderBlock, DeepSeekV3, MTPModule, RMSNorm
+from helpers.rules import check_config
 
 __all__ = ["DeepSeekV3", "DecoderBlock", "MTPModule", "RMSNorm", "check_config", "generate"]

@@ -41,10 +41,10 @@ from torch import Tensor, nn
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from helpers.mla.hf import mla_from_hf, mla_to_hf
-from helpers.model.config import check_config
 from helpers.model.model import DeepSeekV3, MTPModule
 from helpers.moe import DeepSeekMoE
 from helpers.moe.hf import moe_from_hf, moe_to_hf
+from helpers.rules import check_config
 
 DENSE = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from helpers.inputs import check_input_ids
 from helpers.layers import SwiGLU
 from helpers.mla import LatentCache, MultiHeadLatentAttention
-from helpers.model.config import check_config
 from helpers.moe import DeepSeekMoE
+from helpers.rules import check_config
 
 # The MLA layer's inner norms (q_norm, kv_norm) use DeepSeek's default epsilon, as in ``inference/model.py``
 # and ``transformers`` (``DeepseekV3RMSNorm(q_lora_rank)``); the block norms use ``config.rms_norm_eps``.

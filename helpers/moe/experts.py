@@ -17,7 +17,7 @@ from torch import Tensor
 
 from helpers.moe.loop import loop_dispatch
 from helpers.moe.sorted_dispatch import SortedDispatch, sort_by_expert, sorted_forward
-from helpers.utils import require_positive
+from helpers.rules import require_positive
 
 PATHS = ("auto", "loop", "grouped", "sorted")
 FORCE_PATH: str | None = None

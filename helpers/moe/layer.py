@@ -52,7 +52,7 @@ from helpers.moe.routing import (
     select_experts,
     validate_routing,
 )
-from helpers.utils import require_positive
+from helpers.rules import require_positive
 
 
 @dataclass

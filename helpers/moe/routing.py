@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from helpers.inputs import check_expert_ids, check_scores, require_tensor
-from helpers.utils import validate_routing
+from helpers.rules import validate_routing
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("top2_sum", "max")
