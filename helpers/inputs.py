@@ -129,8 +129,12 @@ def check_attention_input(layer: Any, x: Any, cache: Any, cache_type: type, *, d
                         f"cache in the dtype and device it was started with")
 
 
-def check_input_ids(input_ids: Any, vocab_size: int, caches: Any, n_layers: int, cache_type: type) -> None:
-    """DeepSeekV3's entry check: ``input_ids (B, T)`` long ids in ``[0, vocab_size)``; one cache per block."""
+def check_input_ids(input_ids: Any, vocab_size: int) -> None:
+    """The model's entry check: ``input_ids (B, T)`` long ids in ``[0, vocab_size)``.
+
+    The id range is a scan of the data (one host sync): it runs where ids come from outside (a prompt, a
+    training batch), never in the decode loop, whose ids the model chose itself.
+    """
     require_tensor("input_ids", input_ids, "[batch, tokens] of token ids")
     if input_ids.dtype != torch.long:
         raise TypeError(f"input_ids must be a LongTensor [batch, tokens], got {input_ids.dtype}: use "
@@ -144,16 +148,27 @@ def check_input_ids(input_ids: Any, vocab_size: int, caches: Any, n_layers: int,
             bad = low if low < 0 else high
             raise ValueError(f"input_ids must be token ids in [0, vocab_size={vocab_size}), got {bad}: encode with "
                              "the model's tokenizer, or build the model with a larger vocab_size")
-    if caches is None:
-        return
-    if not isinstance(caches, (list, tuple)) or len(caches) != n_layers:
+
+
+def check_caches(caches: Any, attentions: list) -> None:
+    """One cache per attention layer, each of the kind that layer makes (``attn.new_cache()``), filled by no other
+    layer, all equally long: checked for every block before the first block writes into its cache."""
+    n = len(attentions)
+    if not isinstance(caches, (list, tuple)) or len(caches) != n:
         got = f"a {type(caches).__name__} of {len(caches)}" if isinstance(caches, (list, tuple)) else type(caches).__name__
-        raise TypeError(f"caches must be a list of {n_layers} {cache_type.__name__} (one per decoder block), got "
-                        f"{got}: [{cache_type.__name__}() for _ in model.layers]")
-    for i, cache in enumerate(caches):
-        if not isinstance(cache, cache_type):
-            raise TypeError(f"caches[{i}] must be a {cache_type.__name__}, got {type(cache).__name__}: "
-                            f"[{cache_type.__name__}() for _ in model.layers]")
+        raise TypeError(f"caches must be a list of {n} caches (one per decoder block), got {got}: "
+                        "use model.new_caches()")
+    if len({id(c) for c in caches}) < n:
+        raise ValueError("the same cache object appears twice in caches: give every block its own cache "
+                         "(model.new_caches())")
+    for i, (cache, attn) in enumerate(zip(caches, attentions)):
+        want = type(attn.new_cache())
+        if type(cache) is not want:
+            raise TypeError(f"caches[{i}] must be a {want.__name__} (what block {i}'s {type(attn).__name__} makes), "
+                            f"got {type(cache).__name__}: use model.new_caches()")
+        if cache.owner is not None and cache.owner is not attn:
+            raise ValueError(f"caches[{i}] was filled by another attention layer than block {i}'s: give every block "
+                             "its own cache (model.new_caches())")
     if len({cache.length for cache in caches}) > 1:
         raise ValueError(f"caches hold different lengths {[c.length for c in caches]}: a failed or partial call "
                          "left them apart; start new caches")

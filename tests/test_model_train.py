@@ -10,6 +10,7 @@ from helpers.model import DeepSeekV3
 from helpers.model.data import encode, is_validation, load_corpus, train_tokenizer
 from helpers.model.hf import export_pretrained
 from helpers.model.train import TrainSettings, lr_at, train
+from helpers.moe import Balancing
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_short_training_lowers_the_loss_and_is_deterministic(corpus):
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = DeepSeekV3(tiny_config(), gamma=settings.gamma, seq_aux_loss_alpha=settings.seq_aux_loss_alpha)
+        model = DeepSeekV3(tiny_config(), Balancing(gamma=settings.gamma, seq_aux_loss_alpha=settings.seq_aux_loss_alpha))
         runs.append((model, train(model, ids, ids, settings, progress=False)))
     (model, hist), (_, hist2) = runs
     assert hist["train_loss"] == hist2["train_loss"]  # deterministic given the seed
@@ -57,7 +58,7 @@ def test_short_training_lowers_the_loss_and_is_deterministic(corpus):
 
 def test_bias_moves_against_the_load_each_step():
     torch.manual_seed(0)
-    model = DeepSeekV3(tiny_config(), gamma=0.01).train()
+    model = DeepSeekV3(tiny_config(), Balancing(gamma=0.01)).train()
     before = [m.bias.clone() for m in model.moe_layers]
     model.losses(torch.randint(0, 256, (2, 16)))["total"].backward()
     loads = [m.load_since_update.clone() for m in model.moe_layers]
@@ -88,7 +89,7 @@ def test_mtp_speculative_decoding_equals_greedy_and_accepts_drafts():
     settings = TrainSettings(steps=60, batch_size=4, seq_len=32, lr=1e-2, min_lr=1e-3, warmup=5, eval_every=60,
                              eval_windows=2, gamma=1e-2, seed=0)
     torch.manual_seed(0)
-    model = DeepSeekV3(tiny_config(num_mtp_layers=1), gamma=settings.gamma)
+    model = DeepSeekV3(tiny_config(num_mtp_layers=1), Balancing(gamma=settings.gamma))
     train(model, stream, stream, settings, progress=False)
     prompts = [period[:5][None], torch.tensor([[1, 2, 3, 4]]), period[3:12][None]]
     accepted = 0

@@ -109,3 +109,77 @@ def test_to_hf_refuses_a_mismatched_config():
 def test_from_hf_rejects_other_modules():
     with pytest.raises(TypeError, match="DeepseekV3MoE"):
         moe_from_hf(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("version", ["v3", "v32", "v2"])
+def test_from_config_reads_transformers_field_names(version):
+    config = tiny_config(version, routed_scaling_factor=2.0, n_shared_experts=0)
+    layer = DeepSeekMoE.from_config(config)
+    assert (layer.hidden_size, layer.moe_intermediate_size, layer.n_routed_experts, layer.top_k) == (
+        config.hidden_size, config.moe_intermediate_size, config.n_routed_experts, config.num_experts_per_tok)
+    assert layer.n_shared_experts == 0 and layer.shared_experts is None and layer.routed_scaling_factor == 2.0
+    if version == "v2":
+        assert (layer.scoring_func, layer.group_score, layer.norm_topk_prob) == ("softmax", "max", False)
+    else:
+        assert (layer.scoring_func, layer.group_score, layer.norm_topk_prob) == ("sigmoid", "top2_sum",
+                                                                                config.norm_topk_prob)
+    assert (layer.n_group, layer.topk_group) == (config.n_group, config.topk_group)
+    assert layer.backend == "auto" and layer.balancing.gamma == 0
+
+
+def test_from_config_maps_v2_greedy_to_one_group_and_takes_the_backend_and_balancing():
+    from helpers.moe import Balancing
+
+    layer = DeepSeekMoE.from_config(tiny_config("v2", topk_method="greedy"))
+    assert (layer.n_group, layer.topk_group) == (1, 1)
+    config = tiny_config("v3")
+    config.moe_backend = "sorted"
+    assert DeepSeekMoE.from_config(config).backend == "sorted"
+    assert DeepSeekMoE.from_config(config, backend="reference").backend == "reference"  # the argument wins
+    layer = DeepSeekMoE.from_config(config, balancing=Balancing(gamma=0.01, seq_aux_loss_alpha=1e-4))
+    assert (layer.gamma, layer.aux_loss_alpha, layer.seq_aux_loss_alpha) == (0.01, 0.0, 1e-4)
+
+
+def _bf16_pair():
+    torch.manual_seed(0)
+    hf = random_hf_moe("v3", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    hf.config._experts_implementation = "eager"
+    ours = moe_from_hf(hf)
+    return hf.to(torch.bfloat16), ours.to(torch.bfloat16), torch.randn(2, 64, hf.config.hidden_size)
+
+
+# bf16 keeps 8 mantissa bits: one rounding is up to 2**-8 ~ 4e-3 relative to the value rounded. The output sums
+# terms as large as the largest output (these random weights give outputs up to ~50, where one bf16 step is 0.25)
+# and the two layers round in a different order (gating values times rows, index_add, the shared experts), so an
+# element can be off by a step or two of the *largest* value even where it is small itself: we measured ~5e-3 of
+# the largest output. The tolerance is 2**-6 ~ 1.6e-2 of it (four steps). A router computed in bf16 instead of
+# fp32 picks other experts for tokens whose scores nearly tie: off by ~0.5 of the largest output (measured),
+# caught below.
+def assert_close_bf16(got, want):
+    torch.testing.assert_close(got, want, atol=2**-6 * want.abs().max().item(), rtol=0)
+
+
+def test_layer_equals_transformers_eager_experts_in_bf16():
+    hf, ours, x = _bf16_pair()
+    with torch.no_grad():
+        got, want = ours(x.bfloat16()), hf(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert_close_bf16(got, want)
+
+
+def test_the_bf16_tolerance_would_catch_a_router_in_bf16(monkeypatch):
+    import helpers.moe.layer as moe_layer
+    import helpers.moe.routing as moe_routing
+
+    hf, ours, x = _bf16_pair()
+    for module in (moe_layer, moe_routing):
+        monkeypatch.setattr(module, "compute_dtype", lambda dtype: dtype)  # no upcast: the router runs in bf16
+    with torch.no_grad(), pytest.raises(AssertionError):
+        assert_close_bf16(ours(x.bfloat16()), hf(x.bfloat16()))
+
+
+def test_layer_equals_transformers_eager_experts_in_fp32():
+    hf, ours, x = _bf16_pair()
+    hf, ours = hf.float(), ours.float()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x), atol=1e-5, rtol=1e-5)

@@ -59,7 +59,7 @@ def test_layout_that_drops_an_expert_is_refused():
 
 
 def test_mismatched_configs_across_ranks():
-    with pytest.raises(ValueError, match="top_k differs across ranks"):
+    with pytest.raises(ValueError, match="num_experts_per_tok differs across ranks"):
         launch(mismatched_config_worker, 2, DEFAULT, "num_experts_per_tok", 2, timeout=60)
 
 

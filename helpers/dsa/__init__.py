@@ -4,10 +4,12 @@
 module             holds
 =================  ===========================================================================
 ``indexer``        :class:`LightningIndexer` (``I_{t,s} = sum_j w_{t,j} ReLU(q_{t,j} . k_s)``), its key cache,
-                   the top-k selection
-``attention``      sparse absorbed MLA: each query attends over its gathered top-k latents
-``layer``          :class:`SparseLatentAttention` (extends :class:`helpers.mla.MultiHeadLatentAttention`)
-                   and :class:`SparseLatentCache` (the latent cache with the indexer keys beside it)
+                   the top-k selection, its build-time rules (``check_indexer_settings``)
+``attention``      sparse MLA: each query attends over its gathered top-k latents; registers the backends
+                   ``"sparse"`` (absorbed) and ``"sparse_naive"`` (expanded) beside MLA's
+``layer``          :class:`SparseLatentAttention` (extends :class:`helpers.mla.MultiHeadLatentAttention`; its
+                   ``from_config`` adds the indexer fields) and :class:`SparseLatentCache` (the latent cache
+                   with the indexer keys beside it)
 ``warmup``         the indexer's dense warm-up loss (KL to the main attention's distribution);
                    its run on the trained capstone (``python -m helpers.dsa.warmup``)
 ``hf``             conversions to and from ``transformers``' ``DeepseekV32Attention``
@@ -20,9 +22,9 @@ module             holds
 This package imports :mod:`helpers.mla`; nothing in :mod:`helpers.mla` imports it.
 """
 
-from helpers.dsa.attention import gather_tokens, sparse_absorbed_attention
+from helpers.dsa.attention import gather_tokens, sparse_absorbed_attention, sparse_naive_attention
 from helpers.dsa.indexer import IndexerKeyCache, LightningIndexer, index_scores, select_topk
 from helpers.dsa.layer import SparseLatentAttention, SparseLatentCache
 
 __all__ = ["LightningIndexer", "IndexerKeyCache", "index_scores", "select_topk", "gather_tokens",
-           "sparse_absorbed_attention", "SparseLatentAttention", "SparseLatentCache"]
+           "sparse_absorbed_attention", "sparse_naive_attention", "SparseLatentAttention", "SparseLatentCache"]

@@ -15,7 +15,8 @@ MLA (``wq_a`` ... ``wo``)  ``q_a_proj`` ... ``o_proj``     :data:`helpers.mla.hf
 
 ``DeepseekV32Attention`` always has query compression and always rotates the main RoPE in interleaved pairs
 (its config has no ``rope_interleave``); YaRN configs and attention biases are rejected as in
-:mod:`helpers.mla.hf`.
+:mod:`helpers.mla.hf`. Settings come from :meth:`SparseLatentAttention.from_config` and go back through
+:meth:`SparseLatentAttention.config_fields`; this module maps only the weights.
 """
 
 from __future__ import annotations
@@ -25,19 +26,11 @@ from transformers import DeepseekV32Config
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Attention
 
 from helpers.dsa.layer import SparseLatentAttention
-from helpers.mla.hf import NAMES_KV, NAMES_Q_LORA, _check_supported, _copy
+from helpers.mla.hf import NAMES_KV, NAMES_Q_LORA, _copy, check_config_matches, set_norm_eps
+from helpers.rules import require_count
 
 NAMES = {**NAMES_Q_LORA, **NAMES_KV}
 INDEXER = ("wq_b", "wk", "k_norm", "weights_proj")
-FIELDS = ("hidden_size", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-          "index_topk", "index_n_heads", "index_head_dim")
-
-
-def _layer_fields(layer: SparseLatentAttention) -> dict:
-    return dict(hidden_size=layer.hidden_size, num_attention_heads=layer.n_heads, kv_lora_rank=layer.kv_lora_rank,
-                q_lora_rank=layer.q_lora_rank, qk_nope_head_dim=layer.qk_nope_head_dim,
-                qk_rope_head_dim=layer.qk_rope_head_dim, v_head_dim=layer.v_head_dim, index_topk=layer.index_topk,
-                index_n_heads=layer.indexer.n_heads, index_head_dim=layer.indexer.head_dim)
 
 
 @torch.no_grad()
@@ -50,37 +43,21 @@ def _copy_indexer(src, dst) -> None:
 
 
 def dsa_from_hf(module: DeepseekV32Attention) -> SparseLatentAttention:
-    """Our :class:`~helpers.dsa.SparseLatentAttention` with ``module``'s weights and settings (same device, dtype)."""
+    """Our :class:`~helpers.dsa.SparseLatentAttention` with ``module``'s weights and settings (same device, dtype).
+
+    The layer is :meth:`~SparseLatentAttention.from_config` of ``module.config``; the norms keep the module's eps.
+    """
     if not isinstance(module, DeepseekV32Attention):
         raise ValueError(f"module must be a DeepseekV32Attention, got {type(module).__name__}: pass one attention "
                          "module, e.g. hf_model.model.layers[0].self_attn")
-    config = module.config
-    _check_supported(config)
-    eps = module.kv_a_layernorm.variance_epsilon
-    if module.q_a_layernorm.variance_epsilon != eps:
-        raise ValueError(f"q_a_layernorm eps ({module.q_a_layernorm.variance_epsilon}) must equal kv_a_layernorm "
-                         f"eps ({eps}): our layer has one rms_norm_eps")
     if module.indexer.k_norm.eps != 1e-6:
         raise ValueError(f"indexer.k_norm eps is {module.indexer.k_norm.eps}; ours is 1e-6 as in transformers")
+    layer = SparseLatentAttention.from_config(module.config)
+    set_norm_eps(layer, module)
     weight = module.kv_a_proj_with_mqa.weight
-    layer = SparseLatentAttention(
-        hidden_size=config.hidden_size, n_heads=config.num_attention_heads, kv_lora_rank=config.kv_lora_rank,
-        qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
-        v_head_dim=config.v_head_dim, q_lora_rank=config.q_lora_rank, index_topk=config.index_topk,
-        index_n_heads=config.index_n_heads, index_head_dim=config.index_head_dim,
-        rope_theta=float(config.rope_parameters["rope_theta"]), rope_interleave=True, rms_norm_eps=eps,
-    ).to(device=weight.device, dtype=weight.dtype)
-    _copy(module, layer, {hf: ours for ours, hf in NAMES.items()})
+    _copy(module, layer.to(device=weight.device, dtype=weight.dtype), {hf: ours for ours, hf in NAMES.items()})
     _copy_indexer(module.indexer, layer.indexer)
     return layer
-
-
-def dsa_config(layer: SparseLatentAttention) -> DeepseekV32Config:
-    """The smallest ``DeepseekV32Config`` describing ``layer`` (one layer, eager attention, default RoPE)."""
-    fields = _layer_fields(layer)
-    return DeepseekV32Config(**fields, num_key_value_heads=layer.n_heads, num_hidden_layers=1,
-                             rope_parameters={"rope_type": "default", "rope_theta": layer.rope_theta},
-                             rms_norm_eps=layer.rms_norm_eps, attn_implementation="eager")
 
 
 def dsa_to_hf(layer: SparseLatentAttention, config: DeepseekV32Config | None = None,
@@ -89,23 +66,18 @@ def dsa_to_hf(layer: SparseLatentAttention, config: DeepseekV32Config | None = N
 
     Args:
         layer: our DSA layer (``rope_interleave`` must be True: V3.2 always interleaves the main RoPE).
-        config: a ``DeepseekV32Config`` whose attention and indexer fields match ``layer``; ``None`` builds one.
-        layer_idx: the layer index the module uses in a ``transformers`` cache.
+        config: a ``DeepseekV32Config`` whose attention and indexer fields match ``layer``; ``None`` builds one
+            from :meth:`~SparseLatentAttention.config_fields` (one layer, eager attention).
+        layer_idx: the layer index the module uses in a ``transformers`` cache (0 or more).
     """
     if not isinstance(layer, SparseLatentAttention):
         raise ValueError(f"layer must be a SparseLatentAttention, got {type(layer).__name__}")
-    if not layer.rope_interleave:
-        raise ValueError("layer.rope_interleave is False, but DeepseekV32Attention always rotates interleaved pairs")
-    config = dsa_config(layer) if config is None else config
+    require_count(layer_idx=layer_idx)
+    if config is None:
+        config = DeepseekV32Config(**layer.config_fields(), num_hidden_layers=1, attn_implementation="eager")
     if not isinstance(config, DeepseekV32Config):
         raise ValueError(f"config must be a DeepseekV32Config, got {type(config).__name__}")
-    _check_supported(config)
-    for name, value in _layer_fields(layer).items():
-        if getattr(config, name) != value:
-            raise ValueError(f"config.{name} is {getattr(config, name)!r} but the layer has {value!r}")
-    if float(config.rope_parameters["rope_theta"]) != layer.rope_theta:
-        raise ValueError(f"config rope_theta {config.rope_parameters['rope_theta']} differs from the layer's "
-                         f"{layer.rope_theta}")
+    check_config_matches(layer, config)
     weight = layer.wkv_a.weight
     module = DeepseekV32Attention(config, layer_idx).to(device=weight.device, dtype=weight.dtype)
     for norm in (module.q_a_layernorm, module.kv_a_layernorm):

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from helpers.mla.cache import GrowingBuffer
 from helpers.mla.rope import apply_rope, rope_cos_sin
-from helpers.rules import require_positive
+from helpers.rules import require_number, require_positive
 
 
 def index_scores(q: Tensor, k: Tensor, weights: Tensor, softmax_scale: float) -> Tensor:
@@ -80,6 +80,22 @@ def select_topk(scores: Tensor, start_pos: int, topk: int) -> tuple[Tensor, Tens
     return indices, values > float("-inf")
 
 
+def check_indexer_settings(hidden_size: int, q_lora_rank: int, index_n_heads: int, index_head_dim: int,
+                           qk_rope_head_dim: int, rope_theta: float) -> None:
+    """Build-time rules of the lightning indexer: ``ValueError`` naming the field.
+
+    Sizes are positive integers; ``index_head_dim`` is at least ``qk_rope_head_dim`` (RoPE rotates the first
+    ``qk_rope_head_dim`` channels of each head); ``rope_theta`` is finite and positive.
+    """
+    require_positive(hidden_size=hidden_size, q_lora_rank=q_lora_rank, index_n_heads=index_n_heads,
+                     index_head_dim=index_head_dim, qk_rope_head_dim=qk_rope_head_dim)
+    if index_head_dim < qk_rope_head_dim:
+        raise ValueError(f"index_head_dim ({index_head_dim}) must be at least qk_rope_head_dim "
+                         f"({qk_rope_head_dim}): RoPE rotates the first qk_rope_head_dim channels of each "
+                         "indexer head; raise index_head_dim")
+    require_number("rope_theta", rope_theta, positive=True)
+
+
 class IndexerKeyCache(GrowingBuffer):
     """The indexer's key cache, kept beside the latent cache: ``k_s`` ``(B, S, index_head_dim)`` per token."""
 
@@ -110,12 +126,7 @@ class LightningIndexer(nn.Module):
     def __init__(self, hidden_size: int, q_lora_rank: int, index_n_heads: int, index_head_dim: int,
                  qk_rope_head_dim: int, rope_theta: float = 10000.0) -> None:
         super().__init__()
-        require_positive(hidden_size=hidden_size, q_lora_rank=q_lora_rank, index_n_heads=index_n_heads,
-                         index_head_dim=index_head_dim, qk_rope_head_dim=qk_rope_head_dim)
-        if index_head_dim < qk_rope_head_dim:
-            raise ValueError(f"index_head_dim ({index_head_dim}) must be at least qk_rope_head_dim "
-                             f"({qk_rope_head_dim}): RoPE rotates the first qk_rope_head_dim channels of each "
-                             "indexer head; raise index_head_dim")
+        check_indexer_settings(hidden_size, q_lora_rank, index_n_heads, index_head_dim, qk_rope_head_dim, rope_theta)
         self.n_heads, self.head_dim, self.rope_dim, self.rope_theta = index_n_heads, index_head_dim, qk_rope_head_dim, rope_theta
         self.softmax_scale = index_head_dim ** -0.5
         self.wq_b = nn.Linear(q_lora_rank, index_n_heads * index_head_dim, bias=False)

@@ -21,9 +21,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from helpers.inputs import check_hidden
 from helpers.mla.cache import KVCache, causal_mask
 from helpers.mla.rope import apply_rope, rope_cos_sin
-from helpers.rules import require_positive
+from helpers.precision import softmax
+from helpers.rules import require_number, require_positive
 
 
 class MultiHeadAttention(nn.Module):
@@ -50,9 +52,10 @@ class MultiHeadAttention(nn.Module):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads}); "
                              "pick n_kv_heads among the divisors of n_heads")
-        if rope_theta is not None and (head_dim % 2 or rope_theta <= 0):
-            raise ValueError(f"with RoPE, head_dim must be even and rope_theta positive, got head_dim={head_dim}, "
-                             f"rope_theta={rope_theta}")
+        if rope_theta is not None:
+            require_number("rope_theta", rope_theta, positive=True)
+            if head_dim % 2:
+                raise ValueError(f"with RoPE, head_dim must be even (RoPE rotates pairs), got head_dim={head_dim}")
         self.hidden_size, self.n_heads, self.head_dim, self.n_kv_heads = hidden_size, n_heads, head_dim, n_kv_heads
         self.rope_theta = rope_theta
         self.wq = nn.Linear(hidden_size, n_heads * head_dim, bias=False)
@@ -64,8 +67,19 @@ class MultiHeadAttention(nn.Module):
         """Attend causally: ``x (B, T, H) -> (B, T, H)``.
 
         Without a cache the tokens sit at positions ``0..T-1``; with one, at ``cache.length..`` and their
-        keys and values are appended to it.
+        keys and values are appended to it. Bad input (shape, dtype, device, another kind of cache, a cache
+        of another batch or layer) raises before the cache changes.
         """
+        check_hidden("x", x, self.hidden_size, self.wq.weight, rank=3,
+                     layout=f"[batch, tokens, hidden_size={self.hidden_size}]", owner="MultiHeadAttention")
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise ValueError(f"cache must be a KVCache for MultiHeadAttention, got {type(cache).__name__}: "
+                                 "create one with KVCache() and pass the same object at every step")
+            if cache.length and cache.k.shape[:2] != (x.shape[0], self.n_kv_heads):
+                raise ValueError(f"cache holds (batch, kv heads) = {tuple(cache.k.shape[:2])} but x and this layer "
+                                 f"give {(x.shape[0], self.n_kv_heads)}: use one cache per layer and batch")
+            cache.bind(self)
         b, t, _ = x.shape
         g = self.n_heads // self.n_kv_heads  # query heads per key/value head
         start = cache.length if cache is not None else 0
@@ -86,7 +100,7 @@ class MultiHeadAttention(nn.Module):
         scores = scores.view(b, self.n_kv_heads, g, t, s)  # (B, n_g, g, T, S)
         if t > 1:
             scores = scores.masked_fill(~causal_mask(t, s, start, x.device), float("-inf"))
-        p = torch.softmax(scores, dim=-1).view(b, self.n_kv_heads, g * t, s)  # (B, n_g, g*T, S)
+        p = softmax(scores, dim=-1).view(b, self.n_kv_heads, g * t, s)  # (B, n_g, g*T, S), fp32 inside
         o = (p @ v).view(b, self.n_heads, t, self.head_dim)  # (B, n_h, T, d_h)
         # 4) Concatenate heads and project out.
         return self.wo(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, H)

@@ -16,6 +16,11 @@ Parameter names follow DeepSeek's official ``inference/model.py``: ``wq`` (or ``
 with query compression), ``wkv_a``, ``kv_norm``, ``wkv_b``, ``wo``. ``helpers.mla.hf`` maps them to and
 from the ``transformers`` names.
 
+The attention itself is looked up by name (``backend``, :data:`helpers.mla.attention.ATTENTION_BACKENDS`):
+``"naive"`` (the default, the equations as written) or ``"absorbed"``; ``absorb=True``/``False`` is the
+shortcut for those two. :meth:`MultiHeadLatentAttention.from_config` builds the layer from a ``transformers``
+config, the one place where config fields become layer settings.
+
 RoPE layout: with ``rope_interleave=True`` (DeepSeek's checkpoints) the rotated pairs are
 ``(x0, x1), (x2, x3), ...``; :func:`apply_rope` keeps that pair layout. ``transformers``'
 ``apply_rotary_pos_emb_interleave`` instead returns the rotated vector de-interleaved into halves
@@ -27,14 +32,36 @@ fixed permutation.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from helpers.inputs import check_attention_input
-from helpers.mla.attention import absorbed_attention, naive_attention
+from helpers.mla.attention import attention_backend
 from helpers.mla.cache import LatentCache
 from helpers.mla.rope import apply_rope, rope_cos_sin
-from helpers.rules import require_positive
+from helpers.precision import RMSNorm
+from helpers.rules import require_bool, require_number, require_positive
+
+
+def check_mla_settings(hidden_size: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
+                       qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None, rope_theta: float,
+                       rope_interleave: bool, rms_norm_eps: float) -> None:
+    """Build-time rules of an MLA layer: ``ValueError`` (``TypeError`` for a flag) naming the field.
+
+    Sizes are positive integers (``q_lora_rank`` may be ``None``: no query compression), ``qk_rope_head_dim`` is
+    even (RoPE rotates pairs), ``rope_theta`` and ``rms_norm_eps`` are finite and positive, ``rope_interleave`` is
+    a bool. (The backend is checked when it is set: :attr:`MultiHeadLatentAttention.backend`.)
+    """
+    require_positive(hidden_size=hidden_size, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
+                     qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                     v_head_dim=v_head_dim, q_lora_rank=q_lora_rank)
+    if qk_rope_head_dim % 2:
+        raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs of channels), got {qk_rope_head_dim}")
+    require_number("rope_theta", rope_theta, positive=True)
+    require_number("rms_norm_eps", rms_norm_eps, positive=True)
+    require_bool(rope_interleave=rope_interleave)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -51,6 +78,9 @@ class MultiHeadLatentAttention(nn.Module):
     - attention and output (eq. 17-19): softmax over ``(q^C . k^C + q^R . k^R) / sqrt(d_h + d_h^R)``, then ``wo``
       (``softmax_scale``; YaRN checkpoints multiply it by ``mscale**2``, see ``rope_theta`` below).
 
+    Precision (:mod:`helpers.precision`): ``q_norm``, ``kv_norm`` and the softmax compute in fp32 and return to
+    the model's dtype; everything else, the cache included, stays in the dtype of the weights.
+
     Args:
         hidden_size: ``H``.
         n_heads: ``n_h``.
@@ -65,45 +95,125 @@ class MultiHeadLatentAttention(nn.Module):
             ``transformers``' ``DeepseekV3Attention`` does; notebook 22).
         rope_interleave: pair layout for RoPE, see :func:`apply_rope`.
         rms_norm_eps: epsilon of ``q_norm`` and ``kv_norm``.
-        absorb: default computation for :meth:`forward` (``False``: naive re-expansion; ``True``: absorbed).
+        absorb: shortcut for ``backend``: ``False`` is ``"naive"`` (re-expansion), ``True`` is ``"absorbed"``.
+        backend: the attention by name (``"naive"``, ``"absorbed"``); ``None`` follows ``absorb``.
     """
+
+    default_backend = "naive"
+    has_selection = False  # an indexer's top-k, which the sparse backends attend over (helpers.dsa)
 
     def __init__(self, hidden_size: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None = None,
                  rope_theta: float = 10000.0, rope_interleave: bool = True, rms_norm_eps: float = 1e-6,
-                 absorb: bool = False) -> None:
+                 absorb: bool | None = None, backend: str | None = None) -> None:
         super().__init__()
-        require_positive(hidden_size=hidden_size, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
-                         qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
-                         v_head_dim=v_head_dim, q_lora_rank=q_lora_rank)
-        if qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs of channels), got {qk_rope_head_dim}")
-        if not rope_theta > 0:
-            raise ValueError(f"rope_theta must be positive, got {rope_theta}")
-        if not rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be positive, got {rms_norm_eps}")
+        if absorb is not None:
+            require_bool(absorb=absorb)
+            if backend is not None and backend != self.backend_for(absorb):
+                raise ValueError(f"absorb={absorb} and backend={backend!r} disagree: give one of them")
+            backend = self.backend_for(absorb)
+        backend = self.default_backend if backend is None else backend
+        check_mla_settings(hidden_size, n_heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
+                           q_lora_rank, rope_theta, rope_interleave, rms_norm_eps)
         self.hidden_size, self.n_heads = hidden_size, n_heads
         self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.rope_theta, self.rope_interleave, self.rms_norm_eps = rope_theta, rope_interleave, rms_norm_eps
-        self.absorb = absorb
+        self.backend = backend
         self.softmax_scale = self.qk_head_dim ** -0.5
         if q_lora_rank is None:
             self.wq = nn.Linear(hidden_size, n_heads * self.qk_head_dim, bias=False)  # [W^{UQ}; W^{QR}] on h_t
         else:
             self.wq_a = nn.Linear(hidden_size, q_lora_rank, bias=False)  # W^{DQ}
-            self.q_norm = nn.RMSNorm(q_lora_rank, eps=rms_norm_eps)
+            self.q_norm = RMSNorm(q_lora_rank, eps=rms_norm_eps)
             self.wq_b = nn.Linear(q_lora_rank, n_heads * self.qk_head_dim, bias=False)  # [W^{UQ}; W^{QR}]
         self.wkv_a = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=False)  # [W^{DKV}; W^{KR}]
-        self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=rms_norm_eps)
+        self.kv_norm = RMSNorm(kv_lora_rank, eps=rms_norm_eps)
         self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)  # [W^{UK}; W^{UV}]
         self.wo = nn.Linear(n_heads * v_head_dim, hidden_size, bias=False)  # W^O
+
+    @staticmethod
+    def settings_from_config(config: Any) -> dict[str, Any]:
+        """The constructor's arguments read from a ``transformers`` ``DeepseekV3Config``, ``DeepseekV32Config`` or
+        ``DeepseekV2Config``: THE one mapping from config fields to MLA settings.
+
+        ``q_norm``/``kv_norm`` use eps 1e-6 whatever ``config.rms_norm_eps`` says, as ``transformers``
+        (``DeepseekV3RMSNorm(q_lora_rank)``) and DeepSeek's ``inference/model.py`` do. V2 and V3.2 always rotate
+        interleaved pairs (their configs have no ``rope_interleave``). ``ValueError`` naming the field for what we
+        do not implement: YaRN or another ``rope_type``, ``attention_bias``, key/value head groups.
+        """
+        rope = config.rope_parameters or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_parameters['rope_type'] is {rope['rope_type']!r}: only default RoPE is supported "
+                             "(YaRN also rescales the softmax); use rope_type='default'")
+        if getattr(config, "attention_bias", False):
+            raise ValueError("attention_bias=True is not supported: DeepSeek's MLA projections have no biases")
+        if config.num_key_value_heads != config.num_attention_heads:
+            raise ValueError(f"num_key_value_heads ({config.num_key_value_heads}) must equal num_attention_heads "
+                             f"({config.num_attention_heads}): MLA has no key/value head groups")
+        return dict(hidden_size=config.hidden_size, n_heads=config.num_attention_heads,
+                    kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
+                    qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+                    q_lora_rank=config.q_lora_rank, rope_theta=float(rope["rope_theta"]),
+                    rope_interleave=bool(getattr(config, "rope_interleave", True)), rms_norm_eps=1e-6)
+
+    @classmethod
+    def from_config(cls, config: Any, backend: str | None = None) -> MultiHeadLatentAttention:
+        """The layer ``config`` describes (:meth:`settings_from_config`), fresh weights.
+
+        ``backend``: the attention by name; ``None`` reads ``config.attention_backend`` if the config has one,
+        else the layer's default.
+        """
+        backend = getattr(config, "attention_backend", None) if backend is None else backend
+        return cls(**cls.settings_from_config(config), backend=backend)
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments that rebuild this layer's shape and settings (not its backend)."""
+        return dict(hidden_size=self.hidden_size, n_heads=self.n_heads, kv_lora_rank=self.kv_lora_rank,
+                    qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
+                    v_head_dim=self.v_head_dim, q_lora_rank=self.q_lora_rank, rope_theta=self.rope_theta,
+                    rope_interleave=self.rope_interleave, rms_norm_eps=self.rms_norm_eps)
+
+    def config_fields(self) -> dict[str, Any]:
+        """The ``transformers`` config fields describing this layer: the inverse of :meth:`settings_from_config`."""
+        return dict(hidden_size=self.hidden_size, num_attention_heads=self.n_heads, num_key_value_heads=self.n_heads,
+                    kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
+                    qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=self.q_lora_rank,
+                    rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                    rope_interleave=self.rope_interleave)
+
+    @property
+    def backend(self) -> str:
+        """The attention's name in :data:`~helpers.mla.attention.ATTENTION_BACKENDS`; set it to switch (checked)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if attention_backend(name).needs_selection and not self.has_selection:
+            raise ValueError(f"backend {name!r} attends over the lightning indexer's selection, which this layer "
+                             "does not have: use helpers.dsa.SparseLatentAttention, or backend 'naive' or 'absorbed'")
+        self._backend = name
+
+    @property
+    def absorb(self) -> bool:
+        """``True`` when the backend is the absorbed one; setting it picks the absorbed or the naive backend."""
+        return self.backend == self.backend_for(True)
+
+    @absorb.setter
+    def absorb(self, value: bool) -> None:
+        require_bool(absorb=value)
+        self.backend = self.backend_for(value)
 
     def extra_repr(self) -> str:
         return (f"n_heads={self.n_heads}, kv_lora_rank={self.kv_lora_rank}, q_lora_rank={self.q_lora_rank}, "
                 f"qk_nope_head_dim={self.qk_nope_head_dim}, qk_rope_head_dim={self.qk_rope_head_dim}, "
-                f"v_head_dim={self.v_head_dim}, rope_interleave={self.rope_interleave}, absorb={self.absorb}")
+                f"v_head_dim={self.v_head_dim}, rope_interleave={self.rope_interleave}, backend={self.backend!r}, "
+                f"absorb={self.absorb}")
+
+    def new_cache(self, max_length: int | None = None) -> LatentCache:
+        """An empty cache for this layer (``max_length``: preallocate that many tokens)."""
+        return LatentCache(max_length=max_length)
 
     def up_projections(self) -> tuple[Tensor, Tensor]:
         """``w_uk (n_h, d_h, d_c)`` and ``w_uv (n_h, d_v, d_c)``: views of ``wkv_b.weight`` (no copy)."""
@@ -138,21 +248,26 @@ class MultiHeadLatentAttention(nn.Module):
             c_kv, k_rope = cache.append(c_kv, k_rope)  # (B, S, d_c), (B, S, d_r)
         return q_nope, q_rope, c_kv, k_rope, start
 
+    def backend_for(self, absorb: bool | None) -> str:
+        """The backend a call uses: ``absorb=True``/``False`` picks ``"absorbed"``/``"naive"``, ``None`` the layer's."""
+        return self.backend if absorb is None else ("absorbed" if absorb else "naive")
+
     def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool | None = None) -> Tensor:
         """Attend causally: ``x (B, T, H) -> (B, T, H)``.
 
         Without a cache the tokens sit at positions ``0..T-1``; with one, at ``cache.length..``, and their
-        ``c^{KV}`` and ``k^R`` are appended to it. ``absorb=None`` uses ``self.absorb``. Bad input (shape, dtype,
-        device, a cache of another kind, batch or width) raises before the cache changes.
+        ``c^{KV}`` and ``k^R`` are appended to it. ``absorb=None`` uses ``self.backend``. Bad input (shape, dtype,
+        device, a cache of another kind, batch, width or layer) raises before the cache changes.
         """
         check_attention_input(self, x, cache, LatentCache, dense=True, absorb=absorb)
+        if cache is not None:
+            cache.bind(self)
         b, t, _ = x.shape
         if b == 0 or t == 0:  # no query (T = 0 or an empty batch): nothing to attend, nothing to cache
             return self.wo(x.new_zeros(b, t, self.n_heads * self.v_head_dim))  # (B, T, H)
-        absorb = self.absorb if absorb is None else absorb
+        attend = attention_backend(self.backend_for(absorb))
         q_nope, q_rope, c_kv, k_rope, start = self.attention_inputs(x, cache)
-        # 4) Attention, naive or absorbed, then the output projection.
+        # 4) Attention by the chosen backend (eq. 17-18), then the output projection (eq. 19).
         w_uk, w_uv = self.up_projections()
-        attend = absorbed_attention if absorb else naive_attention
         o = attend(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, self.softmax_scale, start)  # (B, T, n_h, d_v)
         return self.wo(o.reshape(b, t, self.n_heads * self.v_head_dim))  # (B, T, H)

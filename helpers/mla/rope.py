@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from helpers.rules import require_positive
+from helpers.rules import require_bool, require_number, require_positive
 
 
 def rope_cos_sin(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -24,11 +24,14 @@ def rope_cos_sin(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Te
     Returns:
         ``cos, sin``, each ``[T, dim // 2]`` float32: one angle per pair, computed as ``transformers`` does.
     """
+    if not isinstance(positions, Tensor) or positions.dim() != 1 or positions.dtype.is_complex or positions.dtype == torch.bool:
+        got = f"shape {tuple(positions.shape)} {positions.dtype}" if isinstance(positions, Tensor) else type(positions).__name__
+        raise TypeError(f"positions must be a 1-D tensor of token positions, e.g. torch.arange(start, start + T), "
+                        f"got {got}")
     require_positive(dim=dim)
     if dim % 2:
         raise ValueError(f"dim must be even (RoPE rotates pairs of channels), got {dim}")
-    if base <= 0:
-        raise ValueError(f"base (rope_theta) must be positive, got {base}")
+    require_number("base (rope_theta)", base, positive=True)
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=positions.device) / dim))
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
     return angles.cos(), angles.sin()
@@ -51,10 +54,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = True) -> 
     Returns:
         The rotated tensor, same shape and dtype as ``x``.
     """
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__} (cos, sin come from rope_cos_sin)")
+    require_bool(interleave=interleave)
     dim = x.shape[-1]
     if dim != 2 * cos.shape[-1] or cos.shape != sin.shape:
         raise ValueError(f"x's last dimension ({dim}) must be twice that of cos and sin "
                          f"({tuple(cos.shape)}, {tuple(sin.shape)})")
+    pairs = (*x.shape[:-1], dim // 2)  # the shape each rotated half of x has
+    if cos.dim() > len(pairs) or any(c not in (1, p) for c, p in zip(reversed(cos.shape), reversed(pairs))):
+        raise ValueError(f"cos and sin {tuple(cos.shape)} do not broadcast over x {tuple(x.shape)} with the token "
+                         "axis second to last: for x (B, T, heads, dim) pass cos[:, None] and sin[:, None]")
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., dim/2) each

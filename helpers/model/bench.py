@@ -129,9 +129,7 @@ def _hf_groups(hf) -> dict[str, list[torch.nn.Module]]:
 @torch.no_grad()
 def _prefill_ours(model, ids, chunk: int):
     """Our latent caches holding ``ids (1, P)``, filled ``chunk`` tokens at a time (bounded memory)."""
-    from helpers.model.generate import new_caches
-
-    caches = new_caches(len(model.layers))
+    caches = model.new_caches()
     for s in range(0, ids.shape[1], chunk):
         model.hidden(ids[:, s: s + chunk], caches)
     return caches
@@ -184,7 +182,7 @@ def decode_benchmark(fields: dict, contexts: list[int], new_tokens: int, repeats
 
         def ours_run(absorb: bool, name: str, ids=ids, caches=caches, context=context, outputs=outputs):
             crop(caches, context - 1)
-            logits = ours.logits(ours.hidden(ids[:, -1:], caches, absorb)[:, -1])  # (1, V)
+            logits = ours.logits(ours.run_blocks(ids[:, -1:], caches, absorb)[:, -1])  # (1, V)
             outputs[name] = decode(ours, logits, caches, new_tokens, absorb)
 
         def hf_run(ids=ids, cache=hf_cache, context=context, outputs=outputs):

@@ -1,6 +1,7 @@
 """Generation over the latent cache: prefill, then one token at a time; greedy, temperature, top-p; MTP drafts.
 
-Every block keeps a :class:`helpers.mla.LatentCache` (only ``c^{KV}`` and ``k^R`` per token). The prompt is
+Every block keeps the cache its attention makes (``model.new_caches()``: a :class:`helpers.mla.LatentCache`, only
+``c^{KV}`` and ``k^R`` per token, or V3.2's latent cache with the indexer keys beside it). The prompt is
 run once (prefill), then each new token is one forward step of ``T = 1`` that attends over the cache,
 absorbed by default (``absorb=False`` re-expands the latent as ``transformers`` does).
 
@@ -15,21 +16,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from helpers.mla import LatentCache
+from helpers.inputs import check_input_ids
+from helpers.mla import GrowingBuffer
+from helpers.rules import require_bool
 
 
-def new_caches(n: int) -> list[LatentCache]:
-    """One empty latent cache per block."""
-    return [LatentCache() for _ in range(n)]
-
-
-def crop(caches: list[LatentCache], length: int) -> None:
+def crop(caches: list[GrowingBuffer], length: int) -> None:
     """Forget cached tokens from ``length`` on (a rejected draft): the buffers stay, the length shrinks."""
     for cache in caches:
-        cache.length = min(cache.length, length)
+        cache.truncate(min(cache.length, length))
 
 
-def cache_bytes(caches: list[LatentCache]) -> int:
+def cache_bytes(caches: list[GrowingBuffer]) -> int:
     """Bytes the filled caches hold, measured from the tensors."""
     return sum(cache.nbytes() for cache in caches)
 
@@ -65,26 +63,22 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, *, temperature: floa
         use_mtp: self-speculative decoding with the first MTP module (greedy, batch 1); same output as greedy.
         stats: if a dict, filled with ``main_steps``, ``drafted``, ``accepted``, ``cache_bytes``.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    _check_generate_args(max_new_tokens, temperature, top_p, absorb, use_mtp, generator)
+    check_input_ids(input_ids, model.config.vocab_size)
     model.check_length(input_ids.shape[1] + max_new_tokens)
     if max_new_tokens == 0:
         return input_ids
     if use_mtp:
         return _speculative(model, input_ids, max_new_tokens, absorb, temperature, stats)
-    caches = new_caches(len(model.layers))
-    logits = model.logits(model.hidden(input_ids, caches, absorb)[:, -1])  # prefill: (B, V)
+    caches = model.new_caches()
+    logits = model.logits(model.run_blocks(input_ids, caches, absorb)[:, -1])  # prefill: (B, V)
     new = decode(model, logits, caches, max_new_tokens, absorb, temperature, top_p, generator)  # (B, N)
     if stats is not None:
         stats.update(main_steps=max_new_tokens, drafted=0, accepted=0, cache_bytes=cache_bytes(caches))
     return torch.cat([input_ids, new], dim=1)
 
 
-def decode(model, logits: Tensor, caches: list[LatentCache], n: int, absorb: bool = True, temperature: float = 0.0,
+def decode(model, logits: Tensor, caches: list[GrowingBuffer], n: int, absorb: bool = True, temperature: float = 0.0,
            top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """The decode loop after a prefill: ``n`` new tokens ``(B, n)`` from last-position ``logits (B, V)``.
 
@@ -95,8 +89,24 @@ def decode(model, logits: Tensor, caches: list[LatentCache], n: int, absorb: boo
         token = pick(logits, temperature, top_p, generator)[:, None]  # (B, 1)
         out.append(token)
         if step + 1 < n:
-            logits = model.logits(model.hidden(token, caches, absorb)[:, -1])  # one decode step over the cache
+            logits = model.logits(model.run_blocks(token, caches, absorb)[:, -1])  # one decode step over the cache
     return torch.cat(out, dim=1)
+
+
+def _check_generate_args(max_new_tokens: int, temperature: float, top_p: float, absorb: bool, use_mtp: bool,
+                         generator: torch.Generator | None) -> None:
+    """``ValueError``/``TypeError`` naming the argument, for values out of range and for arguments the chosen
+    decoding would ignore (a ``generator`` or ``top_p`` with greedy decoding, sampling with ``use_mtp``)."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    require_bool(absorb=absorb, use_mtp=use_mtp)
+    if temperature == 0 and (top_p != 1.0 or generator is not None):
+        raise ValueError("top_p and generator only steer sampling, but temperature=0 decodes greedily and would "
+                         "ignore them: set temperature > 0, or drop top_p/generator")
 
 
 def _speculative(model, input_ids: Tensor, max_new_tokens: int, absorb: bool, temperature: float,
@@ -107,8 +117,8 @@ def _speculative(model, input_ids: Tensor, max_new_tokens: int, absorb: bool, te
     if input_ids.shape[0] != 1 or temperature != 0:
         raise ValueError("use_mtp=True is greedy decoding of one sequence: pass batch 1 and temperature=0")
     mtp = model.mtp[0]
-    caches, mtp_cache = new_caches(len(model.layers)), LatentCache()
-    h = model.hidden(input_ids, caches, absorb)  # (1, P, H) prefill
+    caches, mtp_cache = model.new_caches(), mtp.block.attn.new_cache()
+    h = model.run_blocks(input_ids, caches, absorb)  # (1, P, H) prefill
     nxt = model.logits(h[:, -1]).argmax(-1, keepdim=True)  # (1, 1): token P, already final
     tokens = [input_ids, nxt]
     n_new, steps, drafted, accepted = 1, 1, 0, 0
@@ -119,7 +129,7 @@ def _speculative(model, input_ids: Tensor, max_new_tokens: int, absorb: bool, te
         draft = draft.argmax(-1, keepdim=True)  # (1, 1): guess for the token after `nxt`
         drafted += 1
         length = caches[0].length
-        h2 = model.hidden(torch.cat([nxt, draft], dim=1), caches, absorb)  # (1, 2, H): verify in one step
+        h2 = model.run_blocks(torch.cat([nxt, draft], dim=1), caches, absorb)  # (1, 2, H): verify in one step
         steps += 1
         choice = model.logits(h2).argmax(-1)  # (1, 2): main model's greedy tokens after nxt and after draft
         if choice[0, 0] == draft[0, 0]:  # accepted: two tokens for one step

@@ -1,14 +1,16 @@
 """The whole model to and from ``transformers``, and an export directory ``from_pretrained`` loads offline.
 
-``model_from_hf`` / ``model_to_hf`` reuse the layer conversions of the two tracks
-(:func:`helpers.mla.hf.mla_from_hf`, :func:`helpers.moe.hf.moe_from_hf`, ...) and add the pieces around them:
+``model_from_hf`` / ``model_to_hf`` take or give a ``DeepseekV3ForCausalLM`` (MLA blocks) or a
+``DeepseekV32ForCausalLM`` (sparse-attention blocks). They reuse the layer conversions of the tracks
+(:func:`helpers.mla.hf.mla_from_hf`, :func:`helpers.dsa.hf.dsa_from_hf`, :func:`helpers.moe.hf.moe_from_hf`, ...),
+chosen by the same name as the block's attention (:data:`ATTENTION_FROM_HF`), and add the pieces around them:
 
 ==================================  ==========================================================
-ours                                ``transformers`` ``DeepseekV3ForCausalLM``
+ours                                ``transformers`` ``DeepseekV3ForCausalLM`` / ``DeepseekV32ForCausalLM``
 ==================================  ==========================================================
 ``embed``                           ``model.embed_tokens``
 ``layers.i.attn_norm``              ``model.layers.i.input_layernorm``
-``layers.i.attn``                   ``model.layers.i.self_attn`` (table in :mod:`helpers.mla.hf`)
+``layers.i.attn``                   ``model.layers.i.self_attn`` (tables in :mod:`helpers.mla.hf`, :mod:`helpers.dsa.hf`)
 ``layers.i.ffn_norm``               ``model.layers.i.post_attention_layernorm``
 ``layers.i.ffn`` (SwiGLU)           ``model.layers.i.mlp`` (``gate_proj``, ``up_proj``, ``down_proj``)
 ``layers.i.ffn`` (DeepSeekMoE)      ``model.layers.i.mlp`` (table in :mod:`helpers.moe.hf`)
@@ -38,15 +40,21 @@ import pathlib
 
 import torch
 from torch import Tensor, nn
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
+from helpers.dsa.hf import dsa_from_hf, dsa_to_hf
 from helpers.mla.hf import mla_from_hf, mla_to_hf
+from helpers.model.blocks import attention_kind
 from helpers.model.model import DeepSeekV3, MTPModule
 from helpers.moe import DeepSeekMoE
 from helpers.moe.hf import moe_from_hf, moe_to_hf
 from helpers.rules import check_config
 
 DENSE = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+HF_MODELS = {"deepseek_v3": DeepseekV3ForCausalLM, "deepseek_v32": DeepseekV32ForCausalLM}
+"""The ``transformers`` model class of each config ``model_type`` our model is built from."""
+ATTENTION_FROM_HF = {"mla": mla_from_hf, "dsa": dsa_from_hf}
+ATTENTION_TO_HF = {"mla": mla_to_hf, "dsa": dsa_to_hf}
 
 
 def register_mtp_depth(num_hidden_layers: int) -> str:
@@ -71,13 +79,15 @@ def hf_config(config: DeepseekV3Config) -> DeepseekV3Config:
 
 
 @torch.no_grad()
-def model_from_hf(hf_model: DeepseekV3ForCausalLM) -> DeepSeekV3:
+def model_from_hf(hf_model: DeepseekV3ForCausalLM | DeepseekV32ForCausalLM) -> DeepSeekV3:
     """Our :class:`DeepSeekV3` with ``hf_model``'s weights, MoE biases and config (no MTP: it has none).
 
+    A ``DeepseekV32ForCausalLM`` gives our model with sparse attention (V3.2's lightning indexer) in every block.
     The returned model is in ``hf_model``'s dtype and device, in ``eval()`` mode.
     """
-    if not isinstance(hf_model, DeepseekV3ForCausalLM):
-        raise ValueError(f"hf_model must be a DeepseekV3ForCausalLM, got {type(hf_model).__name__}")
+    if not isinstance(hf_model, tuple(HF_MODELS.values())):
+        raise ValueError(f"hf_model must be a DeepseekV3ForCausalLM or DeepseekV32ForCausalLM, got "
+                         f"{type(hf_model).__name__}")
     config = copy.deepcopy(hf_model.config)
     check_config(config)
     config.num_mtp_layers = 0
@@ -94,7 +104,7 @@ def model_from_hf(hf_model: DeepseekV3ForCausalLM) -> DeepSeekV3:
 def _block_from_hf(block: nn.Module, layer: nn.Module) -> None:
     block.attn_norm.weight.copy_(layer.input_layernorm.weight)
     block.ffn_norm.weight.copy_(layer.post_attention_layernorm.weight)
-    block.attn.load_state_dict(mla_from_hf(layer.self_attn).state_dict())
+    block.attn.load_state_dict(ATTENTION_FROM_HF[attention_kind(layer.self_attn.config)](layer.self_attn).state_dict())
     if isinstance(block.ffn, DeepSeekMoE):
         block.ffn.load_state_dict(moe_from_hf(layer.mlp).state_dict())
     else:
@@ -103,8 +113,9 @@ def _block_from_hf(block: nn.Module, layer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def model_to_hf(model: DeepSeekV3) -> DeepseekV3ForCausalLM:
-    """A ``DeepseekV3ForCausalLM`` (eager attention and experts) with ``model``'s main weights, in ``eval()`` mode.
+def model_to_hf(model: DeepSeekV3) -> DeepseekV3ForCausalLM | DeepseekV32ForCausalLM:
+    """A ``DeepseekV3ForCausalLM`` (``DeepseekV32ForCausalLM`` for a V3.2 config; eager attention and experts)
+    with ``model``'s main weights, in ``eval()`` mode.
 
     The MTP modules have no place in ``DeepseekV3ForCausalLM``; :func:`export_pretrained` writes them to disk.
     """
@@ -113,7 +124,7 @@ def model_to_hf(model: DeepSeekV3) -> DeepseekV3ForCausalLM:
                         "model the other way, use model_from_hf")
     config = hf_config(model.config)
     weight = model.head.weight
-    hf_model = DeepseekV3ForCausalLM(config).to(device=weight.device, dtype=weight.dtype)
+    hf_model = HF_MODELS[config.model_type](config).to(device=weight.device, dtype=weight.dtype)
     hf_model.model.embed_tokens.weight.copy_(model.embed.weight)
     for i, (block, layer) in enumerate(zip(model.layers, hf_model.model.layers)):
         _block_to_hf(block, layer, config, i)
@@ -125,7 +136,7 @@ def model_to_hf(model: DeepSeekV3) -> DeepseekV3ForCausalLM:
 def _block_to_hf(block: nn.Module, layer: nn.Module, config: DeepseekV3Config, idx: int) -> None:
     layer.input_layernorm.weight.copy_(block.attn_norm.weight)
     layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
-    layer.self_attn.load_state_dict(mla_to_hf(block.attn, config, idx).state_dict())
+    layer.self_attn.load_state_dict(ATTENTION_TO_HF[attention_kind(config)](block.attn, config, idx).state_dict())
     if isinstance(block.ffn, DeepSeekMoE):
         layer.mlp.load_state_dict(moe_to_hf(block.ffn, config).state_dict())
     else:

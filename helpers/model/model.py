@@ -1,19 +1,18 @@
-"""A whole DeepSeek-V3 in miniature, assembled from the two tracks' finished layers.
+"""A whole DeepSeek-V3 (or V3.2) in miniature, assembled from the tracks' finished layers.
 
 =====================  =============================================================================
 piece                  what it is (DeepSeek-V3, arXiv 2412.19437)
 =====================  =============================================================================
 ``embed``              token embedding ``Emb(t)``, shared with the MTP modules (§2.2)
-``layers[i]``          :class:`DecoderBlock`: pre-norm, MLA (§2.1.1), then a dense SwiGLU for the first
-                       ``first_k_dense_replace`` layers and DeepSeekMoE (§2.1.2) after
+``layers[i]``          :class:`DecoderBlock`: pre-norm, attention (MLA §2.1.1, or V3.2's sparse attention),
+                       then a dense SwiGLU or DeepSeekMoE (§2.1.2), each inside a residual
 ``norm``, ``head``     final RMSNorm and the untied output head ``OutHead``
 ``mtp[k-1]``           :class:`MTPModule` ``k`` of ``D`` (§2.2, eq. 21-25), sharing ``embed`` and ``head``
 =====================  =============================================================================
 
-The layers are imported, never copied: :class:`helpers.mla.MultiHeadLatentAttention`,
-:class:`helpers.moe.DeepSeekMoE`, :class:`helpers.layers.SwiGLU`. The model is built from a
-``transformers`` ``DeepseekV3Config`` (same field names); unsupported fields are refused by
-:func:`helpers.model.config.check_config`.
+The layers are imported, never copied, and chosen by name from the config (:mod:`helpers.model.blocks`):
+``DeepseekV3Config`` gives MLA blocks, ``DeepseekV32Config`` sparse-attention blocks. The config is a
+``transformers`` config (same field names), checked once by :func:`helpers.rules.check_config`.
 
 Shapes: ``B`` batch, ``T`` tokens, ``H`` hidden size, ``V`` vocabulary.
 """
@@ -24,58 +23,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.inputs import check_input_ids
-from helpers.layers import SwiGLU
-from helpers.mla import LatentCache, MultiHeadLatentAttention
-from helpers.moe import DeepSeekMoE
-from helpers.rules import check_config
-
-# The MLA layer's inner norms (q_norm, kv_norm) use DeepSeek's default epsilon, as in ``inference/model.py``
-# and ``transformers`` (``DeepseekV3RMSNorm(q_lora_rank)``); the block norms use ``config.rms_norm_eps``.
-MLA_NORM_EPS = 1e-6
-
-
-def RMSNorm(width: int, eps: float) -> nn.RMSNorm:  # noqa: N802 (reads like the class it returns)
-    """``x / sqrt(mean(x^2) + eps) * weight``: PyTorch's own ``nn.RMSNorm`` (weight initialised to ones)."""
-    return nn.RMSNorm(width, eps=eps)
+from helpers.inputs import check_caches, check_input_ids
+from helpers.mla import GrowingBuffer
+from helpers.model.blocks import ATTENTIONS, FFNS, RESIDUALS, attention_kind, ffn_kind, residual_kind
+from helpers.moe import Balancing, DeepSeekMoE
+from helpers.precision import RMSNorm
+from helpers.rules import check_config, require_count
 
 
 class DecoderBlock(nn.Module):
-    """One pre-norm transformer block: ``h = x + MLA(norm(x))``, ``out = h + FFN(norm(h))``.
+    """One pre-norm transformer block: ``h = x + Attn(norm(x))``, ``out = h + FFN(norm(h))``.
 
     Args:
-        config: a ``DeepseekV3Config``.
-        layer_idx: the block's depth; blocks ``< first_k_dense_replace`` get a dense SwiGLU
-            (``intermediate_size``), the others DeepSeekMoE. ``moe=True`` forces DeepSeekMoE (MTP blocks).
-        gamma, seq_aux_loss_alpha: the MoE's balancing settings (training only, not config fields).
+        config: a ``DeepseekV3Config`` or ``DeepseekV32Config``.
+        layer_idx: the block's depth (:func:`helpers.model.blocks.ffn_kind` picks dense or MoE from it).
+        moe: ``True`` forces DeepSeekMoE (MTP blocks).
+        balancing: the MoE's training-only settings (bias speed, auxiliary-loss weights).
     """
 
-    def __init__(self, config, layer_idx: int, *, moe: bool | None = None, gamma: float = 0.0,
-                 seq_aux_loss_alpha: float = 0.0) -> None:
+    def __init__(self, config, layer_idx: int, *, moe: bool | None = None, balancing: Balancing | None = None) -> None:
         super().__init__()
+        require_count(layer_idx=layer_idx)
+        balancing = balancing or Balancing()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = MultiHeadLatentAttention(
-            hidden_size=config.hidden_size, n_heads=config.num_attention_heads, kv_lora_rank=config.kv_lora_rank,
-            qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
-            v_head_dim=config.v_head_dim, q_lora_rank=config.q_lora_rank,
-            rope_theta=float(config.rope_parameters["rope_theta"]), rope_interleave=bool(config.rope_interleave),
-            rms_norm_eps=MLA_NORM_EPS)
+        self.attn = ATTENTIONS[attention_kind(config)](config)
+        self.attn_residual = RESIDUALS[residual_kind(config)](config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_moe = layer_idx >= config.first_k_dense_replace if moe is None else moe
-        if self.is_moe:
-            self.ffn = DeepSeekMoE(
-                config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
-                config.num_experts_per_tok, n_shared_experts=config.n_shared_experts or 0, scoring_func="sigmoid",
-                n_group=config.n_group or 1, topk_group=config.topk_group or 1,
-                norm_topk_prob=bool(config.norm_topk_prob), routed_scaling_factor=config.routed_scaling_factor,
-                gamma=gamma, seq_aux_loss_alpha=seq_aux_loss_alpha)
-        else:
-            self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.is_moe = ffn_kind(config, layer_idx) == "moe" if moe is None else moe
+        self.ffn = FFNS["moe" if self.is_moe else "dense"](config, balancing)
+        self.ffn_residual = RESIDUALS[residual_kind(config)](config)
 
-    def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool | None = None) -> Tensor:
-        """``x (B, T, H) -> (B, T, H)``; with ``cache``, the tokens continue the cached sequence."""
-        x = x + self.attn(self.attn_norm(x), cache=cache, absorb=absorb)  # (B, T, H)
-        return x + self.ffn(self.ffn_norm(x))  # (B, T, H)
+    def forward(self, x: Tensor, cache: GrowingBuffer | None = None, absorb: bool | None = None) -> Tensor:
+        """``x (B, T, H) -> (B, T, H)``; with ``cache`` (``self.attn.new_cache()``), the tokens continue it."""
+        x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), cache=cache, absorb=absorb))  # (B, T, H)
+        return self.ffn_residual(x, lambda h: self.ffn(self.ffn_norm(h)))  # (B, T, H)
 
 
 class MTPModule(nn.Module):
@@ -89,15 +70,15 @@ class MTPModule(nn.Module):
     Parameters: ``enorm``, ``hnorm`` (RMSNorms), ``eh_proj`` (``M_k``, ``H x 2H``), ``block``, ``post_norm``.
     """
 
-    def __init__(self, config, gamma: float = 0.0, seq_aux_loss_alpha: float = 0.0) -> None:
+    def __init__(self, config, balancing: Balancing | None = None) -> None:
         super().__init__()
         h = config.hidden_size
         self.enorm, self.hnorm = RMSNorm(h, config.rms_norm_eps), RMSNorm(h, config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * h, h, bias=False)  # M_k
-        self.block = DecoderBlock(config, 0, moe=True, gamma=gamma, seq_aux_loss_alpha=seq_aux_loss_alpha)
+        self.block = DecoderBlock(config, 0, moe=True, balancing=balancing)
         self.post_norm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(self, h_prev: Tensor, emb_next: Tensor, cache: LatentCache | None = None,
+    def forward(self, h_prev: Tensor, emb_next: Tensor, cache: GrowingBuffer | None = None,
                 absorb: bool | None = None) -> Tensor:
         """``h_prev (B, T, H)`` (depth ``k-1``) and ``emb_next (B, T, H)`` (``Emb(t_{i+k})``) -> normed ``h^k (B, T, H)``."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T, H), eq. 21
@@ -105,28 +86,29 @@ class MTPModule(nn.Module):
 
 
 class DeepSeekV3(nn.Module):
-    """DeepSeek-V3 in miniature: embedding, decoder blocks, final norm, untied head, and ``D`` MTP modules.
+    """DeepSeek-V3 (or V3.2) in miniature: embedding, decoder blocks, final norm, untied head, ``D`` MTP modules.
 
     Args:
-        config: a ``transformers`` ``DeepseekV3Config`` (``num_mtp_layers`` gives ``D``).
-        gamma: bias update speed of every MoE layer's auxiliary-loss-free balancing (training).
-        seq_aux_loss_alpha: weight of the sequence-wise balance loss (V3 eq. 17-20); 0 turns it off.
+        config: a ``transformers`` ``DeepseekV3Config`` or ``DeepseekV32Config`` (``num_mtp_layers``, where
+            set, gives ``D``).
+        balancing: the training-only settings of every MoE layer (:class:`helpers.moe.Balancing`: bias update
+            speed ``gamma``, auxiliary-loss weights); default: none.
 
     ``model(input_ids)`` returns the main head's logits ``(B, T, V)``, attending causally from position 0;
-    :meth:`generate` decodes over the latent cache (see :mod:`helpers.model.generate`).
+    :meth:`generate` decodes over the blocks' own caches (see :mod:`helpers.model.generate`).
     """
 
-    def __init__(self, config, *, gamma: float = 0.0, seq_aux_loss_alpha: float = 0.0) -> None:
+    def __init__(self, config, balancing: Balancing | None = None) -> None:
         super().__init__()
         check_config(config)
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderBlock(config, i, gamma=gamma, seq_aux_loss_alpha=seq_aux_loss_alpha)
+        self.layers = nn.ModuleList([DecoderBlock(config, i, balancing=balancing)
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mtp = nn.ModuleList([MTPModule(config, gamma, seq_aux_loss_alpha)
-                                  for _ in range(config.num_mtp_layers)])
+        self.mtp = nn.ModuleList([MTPModule(config, balancing)
+                                  for _ in range(getattr(config, "num_mtp_layers", 0) or 0)])
         self.reset_parameters()
 
     @torch.no_grad()
@@ -153,12 +135,26 @@ class DeepSeekV3(nn.Module):
             raise ValueError(f"the sequence needs {n_positions} positions but max_position_embeddings is "
                              f"{self.config.max_position_embeddings}: shorten the prompt or max_new_tokens")
 
-    def hidden(self, input_ids: Tensor, caches: list[LatentCache] | None = None,
+    def new_caches(self) -> list[GrowingBuffer]:
+        """One empty cache per block, each made by the block's attention (latent, or latent + indexer keys)."""
+        return [block.attn.new_cache() for block in self.layers]
+
+    def hidden(self, input_ids: Tensor, caches: list[GrowingBuffer] | None = None,
                absorb: bool | None = None) -> Tensor:
-        """The last block's output ``h (B, T, H)`` before the final norm; with ``caches`` (one per block), continue them."""
-        check_input_ids(input_ids, self.config.vocab_size, caches, len(self.layers), LatentCache)
-        start = caches[0].length if caches else 0
-        self.check_length(start + input_ids.shape[1])
+        """The last block's output ``h (B, T, H)`` before the final norm; with ``caches`` (one per block), continue them.
+
+        Checks ``input_ids`` (ids in the vocabulary) and the caches (one per block, each of its block's kind, filled
+        by no other layer, equally long) before any cache changes.
+        """
+        check_input_ids(input_ids, self.config.vocab_size)
+        if caches is not None:
+            check_caches(caches, [block.attn for block in self.layers])
+        self.check_length((caches[0].length if caches else 0) + input_ids.shape[1])
+        return self.run_blocks(input_ids, caches, absorb)
+
+    def run_blocks(self, input_ids: Tensor, caches: list[GrowingBuffer] | None = None,
+                   absorb: bool | None = None) -> Tensor:
+        """:meth:`hidden` without its checks: the decode loop, whose tokens the model itself chose."""
         x = self.embed(input_ids)  # (B, T, H)
         for i, block in enumerate(self.layers):
             x = block(x, cache=caches[i] if caches else None, absorb=absorb)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from helpers.model.data import batches, encode, load_corpus, train_tokenizer, val_windows
 from helpers.model.model import DeepSeekV3
+from helpers.moe import Balancing
 from helpers.utils import seed_everything
 
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     _, tokenizer, train_ids, val_ids = prepare(settings)
     seed_everything(settings.seed)
     config = model_config(tokenizer.get_vocab_size())
-    model = DeepSeekV3(config, gamma=settings.gamma, seq_aux_loss_alpha=settings.seq_aux_loss_alpha)
+    model = DeepSeekV3(config, Balancing(gamma=settings.gamma, seq_aux_loss_alpha=settings.seq_aux_loss_alpha))
     settings.model = config.to_dict()
     total, active = model.num_parameters(include_mtp=True)
     print(f"model: {total:,} parameters ({active:,} activated per token), MTP included")

@@ -1,15 +1,16 @@
-"""DeepSeekMoE: fine-grained and shared experts, V2/V3 routing, sorted dispatch, balancing.
+"""DeepSeekMoE: fine-grained and shared experts, V2/V3 routing, balancing; the experts' backends by name.
 
 ===================  ==========================================================================================
 module               holds
 ===================  ==========================================================================================
 ``routing``          the router: affinities, group-limited top-k, gating values (V3 eq. 13-16)
-``experts``          :func:`dispatch`, the experts of eq. 12, and the choice of its path by the work's size
-``loop``             the path of a few tokens: a loop over the chosen experts in the calling thread
-``sorted_dispatch``  the path of many tokens: sort the pairs, two matmuls per expert, hand-written backward
-``threads``          whole experts per CPU core (an analogy of expert parallelism, notebook 11)
-``balancing``        MaxVio, the auxiliary-loss-free bias, V2's and V3's auxiliary losses
-``layer``            :class:`DeepSeekMoE`, the finished layer
+``balancing``        :class:`Balancing` (the training settings), MaxVio, the auxiliary-loss-free bias, V2's and
+                     V3's auxiliary losses
+``layer``            :class:`DeepSeekMoE`, the finished layer (:meth:`~DeepSeekMoE.from_config`, the one
+                     config mapping), and :func:`reference_experts`, the plain loop of eq. 12 (backend
+                     ``"reference"``)
+``backends``         the fast ways to compute eq. 12, registered by name (``loop``, ``grouped``, ``sorted``,
+                     ``compiled``, ``auto``), :func:`dispatch` to call one, the thread pool (see its own table)
 ``training``         the bookkeeping of notebook 13's balancing sweep (train, evaluate, summarise)
 ``diagrams``         the track's pictures (fine-grained and shared experts, the dispatch permutation, gates)
 ``hf``               conversions to and from ``transformers`` (gathered in :mod:`helpers.hf`)
@@ -19,10 +20,24 @@ module               holds
 
 The names below are the public API (``from helpers.moe import DeepSeekMoE, route, dispatch``);
 ``hf``, ``checks`` and ``bench`` are imported on demand (they pull in ``transformers`` or plotting).
+A layer's backend is chosen by name: ``DeepSeekMoE(..., backend="sorted")``, ``layer.backend = "reference"``,
+or ``config.moe_backend`` with :meth:`DeepSeekMoE.from_config`.
 """
 
 from helpers.layers import SwiGLU
+from helpers.moe.backends import (
+                                   BACKENDS,
+                                   SortedDispatch,
+                                   dispatch,
+                                   expert_parallel,
+                                   register_backend,
+                                   run_experts,
+                                   sort_by_expert,
+                                   split_experts,
+                                   sum_parts,
+)
 from helpers.moe.balancing import (
+                                   Balancing,
                                    expert_level_aux_loss,
                                    expert_load,
                                    max_violation,
@@ -30,8 +45,7 @@ from helpers.moe.balancing import (
                                    sequence_wise_aux_loss,
                                    update_bias,
 )
-from helpers.moe.experts import dispatch
-from helpers.moe.layer import DeepSeekMoE, RoutingStats
+from helpers.moe.layer import DeepSeekMoE, RoutingStats, moe_settings, reference_experts
 from helpers.moe.routing import (
                                    GROUP_SCORES,
                                    SCORING_FUNCS,
@@ -39,14 +53,12 @@ from helpers.moe.routing import (
                                    default_group_score,
                                    gating_weights,
                                    route,
-                                   router_dtype,
                                    select_experts,
                                    validate_routing,
 )
-from helpers.moe.sorted_dispatch import SortedDispatch, sort_by_expert, sum_parts
-from helpers.moe.threads import expert_parallel, split_experts
 
-__all__ = ["SwiGLU", "DeepSeekMoE", "RoutingStats", "route", "affinity", "select_experts", "gating_weights",
-           "default_group_score", "router_dtype", "validate_routing", "SCORING_FUNCS", "GROUP_SCORES",
-           "dispatch", "sort_by_expert", "SortedDispatch", "sum_parts", "expert_parallel", "split_experts",
-           "expert_load", "max_violation", "update_bias", "normalized_scores", "expert_level_aux_loss", "sequence_wise_aux_loss"]
+__all__ = ["SwiGLU", "DeepSeekMoE", "RoutingStats", "Balancing", "moe_settings", "route", "affinity",
+           "select_experts", "gating_weights", "default_group_score", "validate_routing", "SCORING_FUNCS",
+           "GROUP_SCORES", "dispatch", "reference_experts", "BACKENDS", "register_backend", "run_experts",
+           "sort_by_expert", "SortedDispatch", "sum_parts", "expert_parallel", "split_experts", "expert_load",
+           "max_violation", "update_bias", "normalized_scores", "expert_level_aux_loss", "sequence_wise_aux_loss"]

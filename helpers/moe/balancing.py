@@ -1,5 +1,7 @@
 """Load-balance statistics and the three balancing methods of DeepSeekMoE.
 
+:class:`Balancing` holds a layer's training-only settings (``gamma`` and the two loss weights) together.
+
 ``expert_load`` and ``max_violation`` (MaxVio) measure the balance; ``update_bias`` is the
 auxiliary-loss-free bias update (arXiv 2408.15664 Algorithm 1, V3 §2.1.2); ``expert_level_aux_loss``
 (V2 eq. 23-25) and ``sequence_wise_aux_loss`` (V3 eq. 17-20) are the auxiliary losses.
@@ -16,22 +18,48 @@ pushing *every* score down, without moving a single token, so both functions alw
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from helpers.inputs import check_expert_ids, require_tensor
+from helpers.rules import require_number
 
 
-def expert_load(indices: Tensor, n_experts: int, *, trusted: bool = False) -> Tensor:
+@dataclass(frozen=True)
+class Balancing:
+    """The training-only settings of a DeepSeekMoE layer, together (checked once, when made: finite, >= 0).
+
+    Args:
+        gamma: bias update speed ``gamma`` (V3 §2.1.2, 2408.15664 Algorithm 1; 0: the bias never moves).
+        aux_loss_alpha: ``alpha_1`` of the expert-level loss (V2 eq. 23-25) over all tokens of a forward call
+            (a batch: V3 §4.5.3's batch-wise loss; V2 itself counts one sequence) (0: off).
+        seq_aux_loss_alpha: ``alpha`` of V3's sequence-wise loss (V3 eq. 17-20), per sequence (0: off).
+    """
+
+    gamma: float = 0.0
+    aux_loss_alpha: float = 0.0
+    seq_aux_loss_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("gamma", "aux_loss_alpha", "seq_aux_loss_alpha"):
+            require_number(name, getattr(self, name))
+
+
+def expert_load(indices: Tensor, n_experts: int) -> Tensor:
     """Tokens routed to each expert, ``load_i = sum_t 1(i in chosen(t))``, as a float (E,) tensor.
 
-    ``indices`` (..., k) are integer expert ids in ``[0, n_experts)`` (checked: an id out of range raises;
-    ``trusted``: they come from the layer's own routing, no check).
+    ``indices`` (..., k) are integer expert ids in ``[0, n_experts)`` (checked: an id out of range raises).
     """
-    if not trusted:
-        check_expert_ids("indices", indices, n_experts, rank=None)
-    return torch.bincount(indices.reshape(-1), minlength=n_experts).float()
+    check_expert_ids("indices", indices, n_experts, rank=None)
+    return _expert_load(indices, n_experts)
+
+
+def _expert_load(indices: Tensor, n_experts: int) -> Tensor:
+    """:func:`expert_load` unchecked: the layer's own call on the ids its router chose."""
+    return torch.bincount(indices.reshape(-1), minlength=n_experts).float()  # (E,)
 
 
 def max_violation(load: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ experts, top-6, 2 shared, ``n_group`` 1, fp32, the machine's threads):
 
 - ``dense SwiGLU``: one SwiGLU of width ``(top_k + n_shared) * I = 2048``, the same activated
   parameters and FLOPs per token as the MoE layer (the baseline of every ratio);
-- ``ours``: :class:`helpers.moe.DeepSeekMoE` (router + sorted dispatch + shared experts);
+- ``ours``: :class:`helpers.moe.DeepSeekMoE` (router + the ``auto`` backend + shared experts);
 - ``transformers eager`` / ``transformers grouped_mm``: ``DeepseekV3MoE`` with the identical weights
   (built by :func:`helpers.moe.hf.moe_to_hf`), with its eager and its ``grouped_mm`` experts paths;
 - ``naive loop``: the definition, one token and one chosen expert at a time (only up to
@@ -19,9 +19,11 @@ The floor: the run first measures this machine's fp32 GEMM rate and read bandwid
 (:func:`helpers.machine.probe`), and every variant is printed beside the floor of its work,
 ``max(bytes / bandwidth, FLOPs / GEMM rate)`` (:func:`moe_work`: the MoE layer must read the router,
 the shared experts and every expert the input chose once; the dense SwiGLU all of its weights),
-and its ratio to it. ``--paths`` adds the forced dispatch paths (``ours, loop``, ``ours, grouped``, ``ours, sorted``)
-to the forward sweep, to see where :func:`helpers.moe.experts.choose_path` should switch. The full
-run (about 3 minutes on 2 idle cores)::
+and its ratio to it. ``--paths`` adds the named backends (``ours, loop``, ``ours, grouped``, ``ours, sorted``)
+to the forward sweep, to see where the ``auto`` backend (:class:`helpers.moe.backends.auto.Auto`) should
+switch. ``--compiled`` adds ``ours compiled`` (the ``compiled`` backend: ``torch.compile`` of the reference
+loop) to every table, and saves its compile times (seconds, first forward and first forward+backward) under
+``"compile seconds"``. The full run (about 3 minutes on 2 idle cores, without ``--compiled``)::
 
     python -m helpers.bench moe --threads 2 --paths --save notebooks/results/bench_moe.json
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 import torch
@@ -43,7 +46,6 @@ from helpers import machine
 from helpers.bench import BenchResult, benchmark, environment_line
 from helpers.inputs import non_negative_int, output_path, positive_int
 from helpers.layers import SwiGLU
-from helpers.moe import experts
 from helpers.moe.layer import DeepSeekMoE
 
 STANDARD = dict(hidden_size=512, moe_intermediate_size=256, n_routed_experts=64, num_experts_per_tok=6,
@@ -73,13 +75,14 @@ def naive_moe(layer: DeepSeekMoE, u: torch.Tensor) -> torch.Tensor:
 
 def build(seed: int = 0, **sizes: Any) -> dict[str, Any]:
     """The layers of one comparison: ours, transformers (eager, grouped_mm) on the same weights, dense."""
-    from helpers.moe.hf import hf_config_for, moe_to_hf
+    from helpers.configs import tiny_config
+    from helpers.moe.hf import moe_to_hf
 
     fields = {**STANDARD, **sizes}
     torch.manual_seed(seed)
-    ours = DeepSeekMoE(**fields, scoring_func="sigmoid", norm_topk_prob=True)
-    hf_eager = moe_to_hf(ours)
-    config = hf_config_for(ours)
+    config = tiny_config("v3", **fields, norm_topk_prob=True, routed_scaling_factor=1.0)  # eager experts
+    ours = DeepSeekMoE.from_config(config)
+    hf_eager = moe_to_hf(ours, config)
     config._experts_implementation = "grouped_mm"
     hf_grouped = moe_to_hf(ours, config)
     width = (fields["num_experts_per_tok"] + fields["n_shared_experts"]) * fields["moe_intermediate_size"]
@@ -119,26 +122,40 @@ def floors(layers: dict[str, Any], x: torch.Tensor, probes: dict[str, Any], name
                                                dense=n == BASELINE), probes) for n in names}
 
 
-def forced(layer: DeepSeekMoE, path: str):
-    """``layer`` with :func:`helpers.moe.experts.dispatch` forced onto ``path`` during the call."""
+def with_backend(layer: DeepSeekMoE, backend: str):
+    """``layer`` run with the backend named ``backend`` during the call (its own backend is restored after)."""
     def call(u: torch.Tensor) -> torch.Tensor:
-        before, experts.FORCE_PATH = experts.FORCE_PATH, path
+        before, layer.backend = layer.backend, backend
         try:
             return layer(u)
         finally:
-            experts.FORCE_PATH = before
+            layer.backend = before
     call.parameters = layer.parameters
     return call
 
 
+def compile_seconds(layer: DeepSeekMoE, tokens: int, *, backward: bool) -> float:
+    """Seconds of the first call of ``layer`` on the ``compiled`` backend at ``tokens`` tokens: mostly compiling."""
+    x = torch.randn(1, tokens, layer.hidden_size, requires_grad=backward)
+    call = with_backend(layer, "compiled")
+    start = time.perf_counter()
+    with torch.set_grad_enabled(backward):
+        y = call(x)
+        if backward:
+            y.sum().backward()
+    return time.perf_counter() - start
+
+
 def variants(layers: dict[str, Any], tokens: int, *, backward: bool, naive_max_tokens: int = 256,
              with_transformers: bool = True, x: torch.Tensor | None = None,
-             paths: bool = False) -> dict[str, Any]:
+             paths: bool = False, compiled: bool = False) -> dict[str, Any]:
     """Zero-argument callables, one per variant, each running one forward (or forward+backward)."""
     x = torch.randn(1, tokens, layers["fields"]["hidden_size"]) if x is None else x
     modules = {BASELINE: layers["dense"], "ours": layers["ours"]}
     if paths:
-        modules.update({f"ours, {path}": forced(layers["ours"], path) for path in ("loop", "grouped", "sorted")})
+        modules.update({f"ours, {name}": with_backend(layers["ours"], name) for name in ("loop", "grouped", "sorted")})
+    if compiled:
+        modules["ours compiled"] = with_backend(layers["ours"], "compiled")
     if with_transformers:
         modules.update({"transformers eager": layers["hf_eager"], "transformers grouped_mm": layers["hf_grouped"]})
     if tokens <= naive_max_tokens:
@@ -175,14 +192,14 @@ def check_equal(layers: dict[str, Any], tokens: int = 64) -> None:
 
 def run(layers: dict[str, Any], tokens: int, *, backward: bool, warmup: int = 1, repeats: int = 5,
         naive_max_tokens: int = 256, with_transformers: bool = True, probes: dict[str, Any] | None = None,
-        paths: bool = False) -> BenchResult:
+        paths: bool = False, compiled: bool = False) -> BenchResult:
     """Time every variant at ``tokens`` tokens; ratios are relative to the dense SwiGLU (and the floors, if
     ``probes`` are given)."""
     config = {**layers["fields"], "tokens": tokens, "dtype": "fp32",
               "pass": "forward+backward" if backward else "forward"}
     x = torch.randn(1, tokens, layers["fields"]["hidden_size"])
     calls = variants(layers, tokens, backward=backward, naive_max_tokens=naive_max_tokens,
-                     with_transformers=with_transformers, x=x, paths=paths)
+                     with_transformers=with_transformers, x=x, paths=paths, compiled=compiled)
     limits = floors(layers, x, probes, calls, backward=backward) if probes else None
     return benchmark(calls, baseline=BASELINE, warmup=warmup, repeats=repeats, config=config, floors=limits)
 
@@ -282,7 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--naive-max-tokens", type=non_negative_int, default=8)
-    parser.add_argument("--paths", action="store_true", help="add the forced dispatch paths to the forward sweep")
+    parser.add_argument("--paths", action="store_true", help="add the named backends to the forward sweep")
+    parser.add_argument("--compiled", action="store_true",
+                        help="add the compiled backend (torch.compile of the reference loop) to every table")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: the machine's)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
@@ -303,9 +322,15 @@ def main(argv: list[str] | None = None) -> None:
     passes = [False] if args.no_backward else [False, True]
     probes = machine.probe()
     print(machine.describe(probes), flush=True)
-    kw = dict(warmup=args.warmup, repeats=args.repeats, naive_max_tokens=args.naive_max_tokens, probes=probes)
+    kw = dict(warmup=args.warmup, repeats=args.repeats, naive_max_tokens=args.naive_max_tokens, probes=probes,
+              compiled=args.compiled)
     saved: dict[str, Any] = {"environment": environment_line(), "layer": layers["fields"],
                              "repeats": args.repeats, "warmup": args.warmup, "machine": probes}
+    if args.compiled:  # compile before timing, and say how long it took
+        saved["compile seconds"] = {("forward+backward" if b else "forward"): compile_seconds(
+            layers["ours"], args.tokens, backward=b) for b in passes}
+        print("compile seconds of the compiled backend (first call): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in saved["compile seconds"].items()), flush=True)
     for backward in passes:
         label = "forward+backward" if backward else "forward"
         result = run(layers, args.tokens, backward=backward, **kw)

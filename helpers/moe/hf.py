@@ -9,7 +9,8 @@ The weights map one to one (``transformers`` v5 stores fused experts exactly as 
     w_down        (E, H, I)       experts.down_proj
     shared_experts.w_gate/w_up/w_down   shared_experts.gate_proj/up_proj/down_proj
 
-Routing settings: V3 is sigmoid scoring, groups scored by their top-2 sum, ``norm_topk_prob`` as
+Routing settings are mapped once, by :func:`helpers.moe.layer.moe_settings` (behind
+:meth:`DeepSeekMoE.from_config`): V3 is sigmoid scoring, groups scored by their top-2 sum, ``norm_topk_prob`` as
 configured. V2 is softmax scoring; ``topk_method="greedy"`` ignores the groups and
 ``"group_limited_greedy"`` scores a group by its maximum; V2's router never renormalises (it ignores
 ``norm_topk_prob``), so the converted layer has ``norm_topk_prob=False``.
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from helpers.moe.layer import DeepSeekMoE
+from helpers.moe.layer import DeepSeekMoE, moe_settings
 
 
 def _hf_kind(module: nn.Module) -> str:
@@ -40,6 +41,8 @@ def _hf_kind(module: nn.Module) -> str:
 def moe_from_hf(module: nn.Module) -> DeepSeekMoE:
     """Our :class:`DeepSeekMoE` with the weights, bias and routing settings of a ``transformers`` module.
 
+    The settings come from the module's config through :meth:`DeepSeekMoE.from_config` (the one mapping).
+
     Args:
         module: a ``DeepseekV3MoE`` or ``DeepseekV2Moe`` (e.g. ``model.model.layers[1].mlp``).
 
@@ -47,33 +50,14 @@ def moe_from_hf(module: nn.Module) -> DeepSeekMoE:
         A new layer in the module's dtype and device that computes the same function.
     """
     kind = _hf_kind(module)
-    config, gate, experts = module.config, module.gate, module.experts
-    if config.hidden_act != "silu":
-        raise ValueError(f"hidden_act must be 'silu' (SwiGLU experts), got {config.hidden_act!r}")
-    if getattr(config, "mlp_bias", False):
-        raise ValueError("mlp_bias must be False: our shared experts have no biases")
-    n_experts, two_i, hidden = experts.gate_up_proj.shape
-    intermediate = two_i // 2
-    n_shared = module.shared_experts.gate_proj.out_features // intermediate
-    if kind == "v3":
-        routing: dict[str, Any] = dict(scoring_func="sigmoid", group_score="top2_sum", n_group=gate.num_group,
-                                       topk_group=gate.topk_group, norm_topk_prob=bool(gate.norm_topk_prob))
-    elif gate.topk_method == "greedy":
-        routing = dict(scoring_func="softmax", group_score="max", n_group=1, topk_group=1, norm_topk_prob=False)
-    elif gate.topk_method == "group_limited_greedy":
-        routing = dict(scoring_func="softmax", group_score="max", n_group=gate.num_group,
-                       topk_group=gate.topk_group, norm_topk_prob=False)
-    else:
-        raise ValueError(f"topk_method must be 'greedy' or 'group_limited_greedy', got {gate.topk_method!r}")
-    layer = DeepSeekMoE(hidden, intermediate, n_experts, gate.top_k, n_shared_experts=n_shared,
-                        routed_scaling_factor=gate.routed_scaling_factor, **routing)
-    layer.to(device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
+    layer = DeepSeekMoE.from_config(module.config)
+    layer.to(device=module.experts.gate_up_proj.device, dtype=module.experts.gate_up_proj.dtype)
     with torch.no_grad():
-        layer.gate_weight.copy_(gate.weight)
-        layer.w_gate_up.copy_(experts.gate_up_proj)
-        layer.w_down.copy_(experts.down_proj)
+        layer.gate_weight.copy_(module.gate.weight)
+        layer.w_gate_up.copy_(module.experts.gate_up_proj)
+        layer.w_down.copy_(module.experts.down_proj)
         if kind == "v3":
-            layer.bias.copy_(gate.e_score_correction_bias)
+            layer.bias.copy_(module.gate.e_score_correction_bias)
         if layer.shared_experts is not None:
             for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
                 getattr(layer.shared_experts, ours).weight.copy_(getattr(module.shared_experts, theirs).weight)
@@ -84,11 +68,7 @@ def hf_config_for(layer: DeepSeekMoE):
     """A tiny ``transformers`` config (eager experts) whose MoE block has ``layer``'s sizes and routing."""
     from helpers.configs import tiny_config
 
-    fields: dict[str, Any] = dict(
-        hidden_size=layer.hidden_size, moe_intermediate_size=layer.moe_intermediate_size,
-        n_routed_experts=layer.n_routed_experts, num_experts_per_tok=layer.top_k,
-        n_shared_experts=layer.n_shared_experts, n_group=layer.n_group, topk_group=layer.topk_group,
-        routed_scaling_factor=layer.routed_scaling_factor, norm_topk_prob=layer.norm_topk_prob)
+    fields: dict[str, Any] = {k: v for k, v in layer.settings.items() if k not in ("scoring_func", "group_score")}
     if layer.scoring_func == "sigmoid":
         return tiny_config("v3", **fields)
     topk_method = "greedy" if layer.n_group == 1 else "group_limited_greedy"
@@ -131,18 +111,11 @@ def moe_to_hf(layer: DeepSeekMoE, config=None) -> nn.Module:
         raise ValueError(f"scoring_func {layer.scoring_func!r} does not match a {config.model_type} config "
                          "(DeepSeek-V3 uses sigmoid, DeepSeek-V2 softmax)")
     _check_representable(layer, kind)
-    want = dict(hidden_size=layer.hidden_size, moe_intermediate_size=layer.moe_intermediate_size,
-                n_routed_experts=layer.n_routed_experts, num_experts_per_tok=layer.top_k,
-                n_shared_experts=layer.n_shared_experts, routed_scaling_factor=layer.routed_scaling_factor)
-    if kind == "v3" or getattr(config, "topk_method", "greedy") == "group_limited_greedy":
-        want.update(n_group=layer.n_group, topk_group=layer.topk_group)
-    elif layer.n_group != 1:
+    if layer.n_group != 1 and getattr(config, "topk_method", "group_limited_greedy") == "greedy":
         raise ValueError("topk_method must be 'group_limited_greedy' for a layer with n_group > 1")
-    if kind == "v3":
-        want["norm_topk_prob"] = layer.norm_topk_prob
-    for name, value in want.items():
-        if getattr(config, name) != value:
-            raise ValueError(f"config.{name} is {getattr(config, name)!r} but the layer has {value!r}")
+    for name, value in moe_settings(config).items():  # the config's layer, as from_config would build it
+        if value != layer.settings[name]:
+            raise ValueError(f"config gives {name}={value!r} but the layer has {layer.settings[name]!r}")
     module = (DeepseekV3MoE if kind == "v3" else DeepseekV2Moe)(config)
     module.to(device=layer.w_gate_up.device, dtype=layer.w_gate_up.dtype)
     with torch.no_grad():

@@ -13,21 +13,18 @@ import torch
 from torch import Tensor
 
 from helpers.inputs import check_expert_ids, check_scores, require_tensor
-from helpers.rules import validate_routing
+from helpers.precision import compute_dtype
+from helpers.rules import require_number, validate_routing
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("top2_sum", "max")
-
-def router_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype routing is computed in: at least float32, like ``transformers`` (float64 stays float64)."""
-    return torch.promote_types(dtype, torch.float32)
-
 
 def affinity(logits: Tensor, scoring_func: str) -> Tensor:
     """Token-to-expert affinities ``s_{i,t}`` from router logits ``u_t^T e_i``.
 
     ``"softmax"`` over the experts (DeepSeek-V2 eq. 22, DeepSeekMoE eq. 5) or an element-wise
-    ``"sigmoid"`` (DeepSeek-V3 eq. 15). Computed in at least float32, like ``transformers``.
+    ``"sigmoid"`` (DeepSeek-V3 eq. 15). Computed in at least float32 (:func:`helpers.precision.compute_dtype`),
+    like ``transformers``.
 
     Args:
         logits: (T, E) router logits.
@@ -40,7 +37,7 @@ def affinity(logits: Tensor, scoring_func: str) -> Tensor:
     if logits.dim() == 0 or not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be floating-point router logits [tokens, experts], got {logits.dtype} "
                         f"{tuple(logits.shape)}: compute them as u @ gate_weight.T")
-    logits = logits.to(router_dtype(logits.dtype))
+    logits = logits.to(compute_dtype(logits.dtype))
     if scoring_func == "softmax":
         return logits.softmax(dim=-1)
     if scoring_func == "sigmoid":
@@ -87,8 +84,7 @@ def select_experts(scores_for_choice: Tensor, top_k: int, n_group: int = 1, topk
     return scores_for_choice.topk(top_k, dim=-1, sorted=False).indices  # (T, k)
 
 
-def gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed_scaling_factor: float, *,
-                   trusted: bool = False) -> Tensor:
+def gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed_scaling_factor: float) -> Tensor:
     """Gating values ``g_{i,t}`` of the chosen experts (V3 eq. 13-14, V2 eq. 21).
 
     The values come from the affinities ``s`` themselves, never from the biased ``s + b``: the bias
@@ -100,20 +96,21 @@ def gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed
 
     Args:
         scores: (T, E) affinities ``s``.
-        indices: (T, k) chosen experts.
+        indices: (T, k) chosen experts (checked: ids in range, one host sync).
         norm_topk_prob: renormalise the k values to sum to 1.
         routed_scaling_factor: scale applied last.
-        trusted: ``indices`` come from :func:`select_experts` on these scores (the layer's own call): skip
-            their checks, whose range test costs two host syncs per call.
 
     Returns:
         weights: (T, k), aligned with ``indices``.
     """
-    if not trusted:
-        check_scores("scores", scores)
-        check_expert_ids("indices", indices, scores.shape[1], tokens=scores.shape[0])
-    if not routed_scaling_factor > 0:
-        raise ValueError(f"routed_scaling_factor must be positive, got {routed_scaling_factor!r}")
+    check_scores("scores", scores)
+    check_expert_ids("indices", indices, scores.shape[1], tokens=scores.shape[0])
+    require_number("routed_scaling_factor", routed_scaling_factor, positive=True)
+    return _gating_weights(scores, indices, norm_topk_prob, routed_scaling_factor)
+
+
+def _gating_weights(scores: Tensor, indices: Tensor, norm_topk_prob: bool, routed_scaling_factor: float) -> Tensor:
+    """:func:`gating_weights` unchecked: the layer's own call, whose ``indices`` its router chose from ``scores``."""
     weights = scores.gather(1, indices)  # (T, k)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

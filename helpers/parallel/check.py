@@ -13,15 +13,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from helpers.moe import DeepSeekMoE
+from helpers.moe import Balancing, DeepSeekMoE
 from helpers.parallel.layer import ExpertParallelMoE
 from helpers.parallel.layout import ExpertLayout
 
 DEFAULT = dict(hidden_size=24, moe_intermediate_size=8, n_routed_experts=12, num_experts_per_tok=3,
                n_shared_experts=1, n_group=1, topk_group=1, tokens=20, seed=0)
 INT_FIELDS = tuple(DEFAULT)
-MOE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
-              "n_shared_experts", "n_group", "topk_group")
+MOE_FIELDS = tuple(k for k in DEFAULT if k not in ("tokens", "seed"))
+"""The fields of :data:`DEFAULT` that are the layer's own settings (``DeepSeekMoE``'s keyword names)."""
 TOLERANCE = 1e-5
 
 
@@ -126,7 +126,7 @@ def validate(config: dict, world: int) -> None:
 def bias_update_worker(rank: int, world: int, config: dict, gamma: float = 0.01) -> float:
     """One training forward and bias update on both layers: the largest bias difference over the ranks."""
     moe = build_reference(config)
-    moe.gamma = gamma
+    moe.balancing = Balancing(gamma=gamma)
     per_rank = split_tokens(config["tokens"], None, world)
     x = torch.randn(sum(per_rank), config["hidden_size"], generator=torch.Generator().manual_seed(config["seed"] + 1))
     ep = ExpertParallelMoE.from_moe(moe, ExpertLayout.contiguous(config["n_routed_experts"], world), rank)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.inputs import check_moe_input
 from helpers.layers import SwiGLU
 from helpers.moe import (
     DeepSeekMoE,
@@ -32,15 +31,13 @@ from helpers.moe import (
     expert_load,
     max_violation,
     route,
-    router_dtype,
+    run_experts,
     update_bias,
 )
-from helpers.moe.experts import run_experts
+from helpers.moe.layer import check_moe_forward
 from helpers.parallel.comm import AllToAllDispatcher
 from helpers.parallel.layout import ExpertLayout
-
-CONFIG_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "top_k", "n_shared_experts",
-                 "scoring_func", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "group_score")
+from helpers.precision import compute_dtype
 
 
 class ExpertParallelMoE(nn.Module):
@@ -62,9 +59,10 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"layout has {layout.n_experts} experts but n_routed_experts is {moe.n_routed_experts}")
         if not 0 <= rank < layout.n_ranks:
             raise ValueError(f"rank must be in [0, {layout.n_ranks}), got {rank}")
-        self.config = {name: getattr(moe, name) for name in CONFIG_FIELDS}
+        self.config = dict(moe.settings)  # the single-process layer's settings, by transformers' field names
         for name, value in self.config.items():
             setattr(self, name, value)
+        self.top_k = self.num_experts_per_tok
         self.layout, self.rank = layout, rank
         self.dispatcher = dispatcher or AllToAllDispatcher(layout, rank)
         self.dispatcher.agree({**self.config, "layout": layout.slots})
@@ -77,7 +75,7 @@ class ExpertParallelMoE(nn.Module):
         if moe.shared_experts is not None:
             self.shared_experts = SwiGLU(moe.hidden_size, moe.shared_experts.w_gate.out_features)
             self.shared_experts.load_state_dict(moe.shared_experts.state_dict())
-        self.gamma = moe.gamma
+        self.balancing = moe.balancing
         self.aux_loss = torch.zeros(())  # the auxiliary losses are not sharded (helpers.parallel.training)
         self.register_buffer("load_since_update", torch.zeros(moe.n_routed_experts), persistent=False)
         self.last_timeline: list[tuple[str, float, float]] = []
@@ -98,7 +96,7 @@ class ExpertParallelMoE(nn.Module):
         The input is checked like :class:`helpers.moe.DeepSeekMoE`'s before any collective runs (a rank that
         refuses its input raises; the others then fail through the launcher's dead-rank detection).
         """
-        check_moe_input(self, u)
+        check_moe_forward(self, u)
         shape, clock = u.shape, [time.perf_counter()]
         timeline = self.last_timeline = []
 
@@ -107,7 +105,7 @@ class ExpertParallelMoE(nn.Module):
             timeline.append((phase, clock[-2], clock[-1]))
 
         x = u.reshape(-1, self.hidden_size)  # (T, H)
-        dtype = router_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         logits = F.linear(x.to(dtype), self.gate_weight.to(dtype))  # (T, E)
         weights, indices = route(logits, scoring_func=self.scoring_func, top_k=self.top_k, n_group=self.n_group,
                                  topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
@@ -144,5 +142,5 @@ class ExpertParallelMoE(nn.Module):
         if not load.any():
             raise RuntimeError("no training-mode forward since the last update_bias; "
                                "run the layer in train() mode before updating the bias")
-        self.bias.copy_(update_bias(self.bias, load, self.gamma))
+        self.bias.copy_(update_bias(self.bias, load, self.balancing.gamma))
         self.load_since_update.zero_()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from helpers.moe import DeepSeekMoE
+from helpers.moe import Balancing, DeepSeekMoE
 from helpers.parallel.layer import ExpertParallelMoE
 from helpers.parallel.layout import ExpertLayout
 
@@ -106,7 +106,7 @@ def compare_training_worker(rank: int, world: int, steps: int = 3, batch_size: i
     curves = {}
     for name, n in (("one process", 1), ("expert parallel", world)):
         torch.manual_seed(seed)
-        model = DeepSeekV3(config, gamma=settings.gamma)
+        model = DeepSeekV3(config, Balancing(gamma=settings.gamma))
         if n > 1:
             shard_experts(model, rank, n)
         curves[name] = train_steps(model, windows, rank if n > 1 else 0, n, steps, settings)

@@ -1,9 +1,9 @@
-"""The sorted dispatch: sort the pairs by expert, two matmuls per expert, add back; its hand-written backward.
+"""The ``sorted`` backend: sort the pairs by expert, two matmuls per expert, add back; its hand-written backward.
 
 ``sort_by_expert`` orders the ``T*k`` (token, expert) pairs by expert; :class:`SortedDispatch` is the
 autograd Function of V3 eq. 12's routed sum with the backward written out. The experts can be shared out
-over CPU threads as whole experts (:mod:`helpers.moe.threads`). :func:`helpers.moe.experts.dispatch`
-chooses this path for large batches (notebook 11).
+over CPU threads as whole experts (:mod:`helpers.moe.backends.threads`). The ``auto`` backend chooses this
+path for large batches (notebook 11).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from helpers.moe.threads import expert_parallel, split_experts
+from helpers.moe.backends.registry import register_backend
+from helpers.moe.backends.threads import expert_parallel, split_experts
 
 
 def sort_by_expert(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -37,7 +38,6 @@ def sort_by_expert(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, lis
                          "route with the layer's n_routed_experts")
     bounds = [0, *torch.cumsum(counts, 0).tolist()]
     return order, token, bounds
-
 
 
 def _routed_forward(u: Tensor, g: Tensor, token: Tensor, bounds: list[int], w_gate_up: Tensor, w_down: Tensor,
@@ -121,7 +121,7 @@ class SortedDispatch(torch.autograd.Function):
     counting FLOPs, but here each backward product has the size of a forward one, so the backward
     does twice the forward's ``6 n_e H I`` FLOPs, as autograd would (notebook 11 counts them with
     ``FlopCounterMode``). Both passes run the experts in ``n_workers`` parts with
-    :func:`expert_parallel`. :func:`dispatch` calls it; the indices get no gradient.
+    :func:`expert_parallel`. :func:`sorted_dispatch` calls it; the indices get no gradient.
     """
 
     @staticmethod
@@ -153,6 +153,24 @@ class SortedDispatch(torch.autograd.Function):
             grad_weights = grad_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
         grad_u = sum_parts([grad_u for *_, grad_u in parts], u) if need_u else None
         return grad_u, grad_weights, None, grads.get("w_gate_up"), grads.get("w_down"), None
+
+
+@register_backend("sorted")
+def sorted_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                    n_workers: int | None = None) -> Tensor:
+    """V3 eq. 12's routed sum, expert by expert over the pairs sorted by expert, on ``n_workers`` threads.
+
+    Sort the ``T*k`` (token, expert) pairs by expert once, run each expert as two matrix multiplications
+    on all of its tokens at once, weight the rows by ``g`` and add them back to their tokens with
+    ``index_add_``; one host-device sync (the slice bounds). With autograd, :class:`SortedDispatch` (its
+    hand-written backward keeps memory traffic per expert); without, only its forward. The experts are
+    shared out over ``n_workers`` CPU threads (default: the machine's) as whole experts
+    (:func:`expert_parallel`, an analogy of expert parallelism inside one process).
+    """
+    n_workers = n_workers or torch.get_num_threads()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down)):
+        return SortedDispatch.apply(u, weights, indices, w_gate_up, w_down, n_workers)
+    return sorted_forward(u, weights, indices, w_gate_up, w_down, n_workers, keep_h=False)[0]
 
 
 def sum_parts(parts: list[Tensor], like: Tensor) -> Tensor:

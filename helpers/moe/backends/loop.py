@@ -1,4 +1,4 @@
-"""The experts of a few tokens (a decode step): a loop over the chosen experts in Python.
+"""The ``loop`` backend, for a few tokens (a decode step): a loop over the chosen experts in Python.
 
 At one token each chosen expert multiplies its weights by one row: a matrix-vector product that reads
 ``3 H I`` weights for ``6 H I`` FLOPs, bound by memory, not arithmetic, and a few microseconds of
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from helpers.moe.sorted_dispatch import sum_parts
-from helpers.moe.threads import expert_parallel
+from helpers.moe.backends.registry import register_backend
+from helpers.moe.backends.sorted_dispatch import sum_parts
+from helpers.moe.backends.threads import expert_parallel
 
 
 def _one_row_experts(u: Tensor, g: Tensor, top_k: int, w_gate_up: Tensor, w_down: Tensor,
@@ -66,16 +67,18 @@ def _run_part(u: Tensor, g: Tensor, top_k: int, w_gate_up: Tensor, w_down: Tenso
     return y
 
 
+@register_backend("loop")
 def loop_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor, w_down: Tensor,
                   n_workers: int | None = None) -> Tensor:
-    """:func:`helpers.moe.experts.dispatch` for a few tokens: a loop over the chosen experts (V3 eq. 12).
+    """V3 eq. 12's routed sum for a few tokens: a loop over the chosen experts, tuned (see the module).
 
     One host sync reads the ``T*k`` expert ids; the pairs are grouped by expert in Python; each chosen
     expert runs its SwiGLU on views of the stacked weights (``w_gate_up[e]``, ``w_down[e]``: no copy)
     over its rows. Every chosen expert's weights are read once, the least any path can read. Without
     autograd, ``n_workers > 1`` shares the experts out over that many threads as whole experts
     (:func:`expert_parallel`); with autograd everything runs in the calling thread and autograd
-    differentiates it. Arguments and result as in ``dispatch``.
+    differentiates it. ``n_workers`` defaults to the machine's threads (the ``auto`` backend passes 1).
+    Arguments and result as in :func:`helpers.moe.backends.dispatch`.
     """
     n_experts, top_k = w_gate_up.shape[0], indices.shape[1]
     flat = indices.reshape(-1).tolist()  # T*k expert ids: the one host sync
@@ -89,7 +92,7 @@ def loop_dispatch(u: Tensor, weights: Tensor, indices: Tensor, w_gate_up: Tensor
     jobs = list(pairs_of.items())
     g = weights.reshape(-1).to(u.dtype)  # (T*k,) gating values by pair
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, weights, w_gate_up, w_down))
-    n_workers = min(1 if n_workers is None else n_workers, len(jobs))
+    n_workers = min(n_workers or torch.get_num_threads(), len(jobs))
     if needs_grad or n_workers <= 1:
         return _run_part(u, g, top_k, w_gate_up, w_down, jobs, batch_singles=not needs_grad)
     parts = [(jobs[w::n_workers],) for w in range(n_workers)]  # whole experts per thread
