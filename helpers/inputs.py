@@ -2,8 +2,8 @@
 
 Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, size,
 range or value) whose message names the argument, says what was expected and what came, and gives the fix.
-The layers call one function each at the top of ``forward`` (:func:`check_moe_input`,
-:func:`check_attention_input`, :func:`check_input_ids`); the routing and balancing functions call
+The layers call one function each at the top of ``forward`` (the MoE its own
+``check_moe_forward``, :func:`check_attention_input`, :func:`check_input_ids`); the routing and balancing functions call
 :func:`check_scores` and :func:`check_expert_ids`; the commands use the ``argparse`` types
 (:func:`positive_int`, :func:`non_negative_int`, :func:`positive_float`, :func:`output_path`). Checks of
 configuration values run once, when a layer is built, and live in :mod:`helpers.rules`.
@@ -81,15 +81,6 @@ def check_finite(name: str, x: Tensor, why: str) -> None:
         raise ValueError(f"{name} holds {n_nan} NaN and {n_inf} infinite value(s) of {x.numel()}; {why}. Find the "
                          f"step that produced them (e.g. torch.autograd.set_detect_anomaly(True)), or lower the "
                          f"learning rate")
-
-
-def check_moe_input(layer: Any, u: Any) -> None:
-    """The DeepSeekMoE layer's entry check: ``u (..., T, H)`` float like ``gate_weight``, finite (see NaN policy)."""
-    check_hidden("u", u, layer.hidden_size, layer.gate_weight, min_rank=2,
-                 layout=f"[batch, tokens, hidden_size={layer.hidden_size}] (or [tokens, hidden_size])",
-                 owner="the MoE layer")
-    check_finite("u", u, "top-k over NaN scores picks arbitrary experts and would count them in the load "
-                         "statistics that steer the bias")
 
 
 def check_attention_input(layer: Any, x: Any, cache: Any, cache_type: type, *, dense: bool = False,

@@ -27,15 +27,18 @@ from helpers.moe.layer import DeepSeekMoE, moe_settings
 
 
 def _hf_kind(module: nn.Module) -> str:
+    """``"v3"`` for V3's and V3.2's MoE block (the same router and experts), ``"v2"`` for V2's."""
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32MoE
 
-    if isinstance(module, DeepseekV3MoE):
+    if isinstance(module, (DeepseekV3MoE, DeepseekV32MoE)):
         return "v3"
     if isinstance(module, DeepseekV2Moe):
         return "v2"
-    raise TypeError(f"expected a transformers DeepseekV3MoE or DeepseekV2Moe, got {type(module).__name__}: pass "
-                    "one MoE block, e.g. hf_model.model.layers[1].mlp (layer 0 is dense in DeepSeek's configs)")
+    raise TypeError(f"expected a transformers DeepseekV3MoE, DeepseekV32MoE or DeepseekV2Moe, got "
+                    f"{type(module).__name__}: pass one MoE block, e.g. hf_model.model.layers[1].mlp (layer 0 is "
+                    "dense in DeepSeek's configs)")
 
 
 def moe_from_hf(module: nn.Module) -> DeepSeekMoE:
@@ -89,7 +92,8 @@ def _check_representable(layer: DeepSeekMoE, kind: str) -> None:
 
 
 def moe_to_hf(layer: DeepSeekMoE, config=None) -> nn.Module:
-    """A ``transformers`` ``DeepseekV3MoE`` (sigmoid layers) or ``DeepseekV2Moe`` (softmax) equal to ``layer``.
+    """A ``transformers`` ``DeepseekV3MoE`` (``DeepseekV32MoE`` for a V3.2 config; sigmoid layers) or ``DeepseekV2Moe``
+    (softmax) equal to ``layer``.
 
     Args:
         layer: our layer.
@@ -101,12 +105,13 @@ def moe_to_hf(layer: DeepSeekMoE, config=None) -> nn.Module:
     """
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32MoE
 
     if not isinstance(layer, DeepSeekMoE):
         raise TypeError(f"layer must be our DeepSeekMoE, got {type(layer).__name__}: to convert a transformers "
                         "module the other way, use moe_from_hf")
     config = hf_config_for(layer) if config is None else config
-    kind = "v3" if config.model_type == "deepseek_v3" else "v2"
+    kind = "v2" if config.model_type == "deepseek_v2" else "v3"
     if (kind == "v3") != (layer.scoring_func == "sigmoid"):
         raise ValueError(f"scoring_func {layer.scoring_func!r} does not match a {config.model_type} config "
                          "(DeepSeek-V3 uses sigmoid, DeepSeek-V2 softmax)")
@@ -116,7 +121,7 @@ def moe_to_hf(layer: DeepSeekMoE, config=None) -> nn.Module:
     for name, value in moe_settings(config).items():  # the config's layer, as from_config would build it
         if value != layer.settings[name]:
             raise ValueError(f"config gives {name}={value!r} but the layer has {layer.settings[name]!r}")
-    module = (DeepseekV3MoE if kind == "v3" else DeepseekV2Moe)(config)
+    module = {"deepseek_v3": DeepseekV3MoE, "deepseek_v32": DeepseekV32MoE}.get(config.model_type, DeepseekV2Moe)(config)
     module.to(device=layer.w_gate_up.device, dtype=layer.w_gate_up.dtype)
     with torch.no_grad():
         module.gate.weight.copy_(layer.gate_weight)
