@@ -9,21 +9,29 @@ the rules that make a routing configuration possible.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from helpers.inputs import check_expert_ids, check_scores, require_tensor
 from helpers.precision import compute_dtype
-from helpers.rules import require_number, validate_routing
+from helpers.rules import require_choice, require_number, validate_routing
 
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS: dict[str, Callable[[Tensor], Tensor]] = {
+    "softmax": lambda logits: logits.softmax(dim=-1),  # DeepSeek-V2 eq. 22, DeepSeekMoE eq. 5: over the experts
+    "sigmoid": torch.sigmoid,  # DeepSeek-V3 eq. 15: each expert on its own
+}
+"""The registry of scoring functions ``s_{i,t} = f(u_t^T e_i)``: a new one (V4's sqrt-softplus) is one entry here
+(``CONTRIBUTING.md``), chosen by name with ``scoring_func``."""
 GROUP_SCORES = ("top2_sum", "max")
+
 
 def affinity(logits: Tensor, scoring_func: str) -> Tensor:
     """Token-to-expert affinities ``s_{i,t}`` from router logits ``u_t^T e_i``.
 
-    ``"softmax"`` over the experts (DeepSeek-V2 eq. 22, DeepSeekMoE eq. 5) or an element-wise
-    ``"sigmoid"`` (DeepSeek-V3 eq. 15). Computed in at least float32 (:func:`helpers.precision.compute_dtype`),
+    A function of :data:`SCORING_FUNCS`: ``"softmax"`` over the experts (DeepSeek-V2 eq. 22, DeepSeekMoE eq. 5) or
+    an element-wise ``"sigmoid"`` (DeepSeek-V3 eq. 15). Computed in at least float32 (:func:`helpers.precision.compute_dtype`),
     like ``transformers``.
 
     Args:
@@ -37,12 +45,8 @@ def affinity(logits: Tensor, scoring_func: str) -> Tensor:
     if logits.dim() == 0 or not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be floating-point router logits [tokens, experts], got {logits.dtype} "
                         f"{tuple(logits.shape)}: compute them as u @ gate_weight.T")
-    logits = logits.to(compute_dtype(logits.dtype))
-    if scoring_func == "softmax":
-        return logits.softmax(dim=-1)
-    if scoring_func == "sigmoid":
-        return logits.sigmoid()
-    raise ValueError(f"scoring_func must be one of {SCORING_FUNCS}, got {scoring_func!r}")
+    require_choice("scoring_func", scoring_func, SCORING_FUNCS)
+    return SCORING_FUNCS[scoring_func](logits.to(compute_dtype(logits.dtype)))
 
 
 def select_experts(scores_for_choice: Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
