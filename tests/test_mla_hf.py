@@ -78,10 +78,11 @@ def test_prefill_and_cached_decode_equal_transformers(case):
     with torch.no_grad():
         want_full, _ = hf_forward(attn, rotary, config, [x])
         want_decode, hf_cache = hf_forward(attn, rotary, config, chunks)
-        for absorb in (False, True):
-            torch.testing.assert_close(ours(x, absorb=absorb), want_full, atol=1e-5, rtol=1e-5)
-            cache = LatentCache()
-            got = torch.cat([ours(c, cache, absorb=absorb) for c in chunks], dim=1)
+        for backend in ("naive", "absorbed"):  # every registered dense backend: one row each
+            ours.backend = backend
+            torch.testing.assert_close(ours(x), want_full, atol=1e-5, rtol=1e-5)
+            cache = ours.new_cache()
+            got = torch.cat([ours(c, cache) for c in chunks], dim=1)
             torch.testing.assert_close(got, want_decode, atol=1e-5, rtol=1e-5)
     # Same cache contents: the latent exactly, k^R up to transformers' de-interleaving permutation.
     hf_c, hf_k = hf_cache.layers[0].keys, hf_cache.layers[0].values  # (B, 1, S, d_c), (B, 1, S, d_r)
