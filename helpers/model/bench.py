@@ -9,8 +9,8 @@
   cache (``transformers``' eager attention would need about 4 GB per layer for one 16k-token pass); the timed
   runs decode from it. 16k prompts get fewer timed runs (``--long-repeats``, default 3; 5 elsewhere).
 
-Variants are interleaved after warm-ups (:func:`helpers.bench.benchmark`); medians, ratios and the goals of
-issue 13 (met or not) are printed and saved to ``notebooks/results/bench_model.json``, which notebook 32 plots.
+Variants are interleaved after warm-ups (:func:`helpers.bench.benchmark`); medians and ratios
+(and whether each target was met) are printed and saved to ``notebooks/results/bench_model.json``, which notebook 32 plots.
 Never a test: timings depend on the machine and its load. On a busy shared 2-core machine with one thread the
 whole command took 13 min (3.5 min of CPU time); on an idle one it should take a few minutes.
 """
@@ -215,7 +215,7 @@ def decode_benchmark(fields: dict, contexts: list[int], new_tokens: int, repeats
 
 
 def summary(train, decode: dict, fields: dict, batch: int, seq: int, new_tokens: int) -> dict:
-    """The JSON record: medians, ratios, the decode split and each goal of issue 13 (met or not)."""
+    """The JSON record: medians, ratios, the decode split and each target (met or not)."""
     tokens = batch * seq
     train_rows = {r["variant"]: {"median_ms": r["median_ms"], "tokens_per_s": tokens / (r["median_ms"] / 1e3),
                                  "runs": r["runs"]} for r in train.rows()}
