@@ -31,3 +31,18 @@ def test_nb14_has_an_answer_key_and_no_errors():
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert outputs and not any(o.output_type == "error" for o in outputs)
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+
+
+def test_nb14_prose_cites_the_right_sections_and_leads_on():
+    markdown = "\n".join(c.source for c in nbformat.read(NOTEBOOKS / NAME, 4).cells if c.cell_type == "markdown")
+    assert "§3.3.3" in markdown and "§3.3.2" not in markdown  # FP8 dispatch: "Low-Precision Communication"
+    assert r"\mathbf h'_t = \mathbf u_t +" in markdown  # V3 eq. 12 keeps the residual
+    assert "16-way pipeline parallelism" in markdown and "by replication by replication" not in markdown
+    assert "(20_mla_mha_kv_cache.ipynb)" in markdown.split("## Recap")[-1]
+
+
+def test_nb14_replication_keeps_the_node_limit():
+    nb = nbformat.read(NOTEBOOKS / NAME, 4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "hierarchical plan" in text and "nodes per token at most 1" in text
+    assert "every expert's copies on one node: True" in text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers.parallel import ExpertLayout
-from helpers.parallel.planner import imbalance, plan_replication, rank_loads
+from helpers.parallel.planner import expert_nodes, imbalance, plan_replication, rank_loads
 from helpers.parallel.traffic import nodes_per_token, random_routing, routing_traffic, v3_at_scale
 
 SKEWED = torch.tensor([900.0, 40, 35, 500, 30, 20, 25, 300, 10, 15, 12, 8, 60, 45, 5, 3])
@@ -99,3 +99,44 @@ def test_one_rank_needs_no_process_group():
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=0)
     for name in ("gate_weight", "w_gate_up", "w_down"):
         torch.testing.assert_close(getattr(ep, name).grad, getattr(moe, name).grad, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ the hierarchical (node-aware) plan
+
+@pytest.mark.parametrize(("n_ranks", "ranks_per_node", "n_group", "n_redundant"), [(4, 2, 2, 4), (4, 2, 4, 4),
+                                                                                    (8, 4, 4, 8), (8, 2, 8, 0)])
+def test_hierarchical_plan_keeps_every_copy_on_its_groups_node(n_ranks, ranks_per_node, n_group, n_redundant):
+    layout = plan_replication(SKEWED, n_ranks, n_redundant, ranks_per_node, n_group=n_group)
+    assert layout.n_slots == 16 + n_redundant and set(layout.slot_experts().tolist()) == set(range(16))
+    nodes = expert_nodes(layout, ranks_per_node)
+    assert all(len(n) == 1 for n in nodes), nodes
+    size = 16 // n_group
+    for g in range(n_group):  # a whole group on one node
+        assert len({nodes[e][0] for e in range(g * size, (g + 1) * size)}) == 1
+    torch.testing.assert_close(rank_loads(layout, SKEWED).sum(), SKEWED.double().sum())
+
+
+def test_global_plan_may_split_an_expert_over_nodes_and_break_the_node_limit():
+    load = torch.tensor([10.0, 400, 380, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10])
+    spread = plan_replication(load, 4, n_redundant=4, ranks_per_node=2)
+    assert any(len(n) > 1 for n in expert_nodes(spread, 2))
+    kept = plan_replication(load, 4, n_redundant=4, ranks_per_node=2, n_group=2)
+    indices = random_routing(300, 16, 4, n_group=2, topk_group=1, seed=3)  # every token on one group = node
+    assert nodes_per_token(indices, kept, 2).max() == 1
+    assert nodes_per_token(indices, spread, 2).max() == 2
+
+
+def test_hierarchical_plan_balances_the_nodes_when_each_holds_several_groups():
+    layout = plan_replication(SKEWED, 4, n_redundant=4, ranks_per_node=2, n_group=4)
+    per_node = rank_loads(layout, SKEWED).view(2, 2).sum(1)
+    group_loads = SKEWED.view(4, 4).sum(1)  # 1475, 375, 45, 113; two groups per node
+    best = group_loads.max() + group_loads.min()  # the heaviest group shares its node with the lightest
+    assert per_node.max().item() == pytest.approx(best.item())
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [(dict(n_group=3), "n_group"), (dict(n_group=2, ranks_per_node=1), "n_group"),
+                                                (dict(n_group=4, ranks_per_node=1), "n_redundant")])
+def test_impossible_hierarchical_plans_name_the_field(kwargs, field):
+    args = dict(n_ranks=4, n_redundant=4, ranks_per_node=2) | kwargs
+    with pytest.raises(ValueError, match=field):
+        plan_replication(SKEWED, **args)

@@ -28,7 +28,8 @@ loop) to every table, and saves its compile times (seconds, first forward and fi
     python -m helpers.bench moe --threads 2 --paths --save notebooks/results/bench_moe.json
 
 ``make bench`` runs the forward part a second time with ``OMP_WAIT_POLICY=PASSIVE`` in the environment (PyTorch's
-OpenMP threads then sleep between parallel operations instead of spinning; notebook 11, O.4) and saves it as
+OpenMP threads then sleep between parallel operations instead of spinning; why that matters for the thread pool:
+:mod:`helpers.moe.backends.threads`) and saves it as
 ``bench_moe_passive.json``; the environment line of every table names the policy when it is set.
 """
 

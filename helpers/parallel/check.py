@@ -54,7 +54,7 @@ def compare_worker(rank: int, world: int, config: dict, layout_slots=None, starv
     Returns:
         ``{"out": max|out diff|, "grad": max|grad diff| (input, router, shared, experts), "recv": rows this
         rank received, "send": rows sent per rank, "load": (E,) tokens per expert over all ranks,
-        "timeline": the forward's phases}``; ``out`` and ``grad`` are maxima over all ranks.
+        "indices": (T_rank, k) the experts this rank's tokens chose, "timeline": the forward's phases}``; ``out`` and ``grad`` are maxima over all ranks.
     """
     moe = build_reference(config, starve, bias)
     per_rank = split_tokens(config["tokens"], tokens, world)
@@ -93,7 +93,7 @@ def compare_worker(rank: int, world: int, config: dict, layout_slots=None, starv
     load = ep.last_load.clone()
     dist.all_reduce(load)
     return {"out": worst[0].item(), "grad": worst[1].item(), "recv": sum(ep.last_recv), "send": ep.last_send,
-            "load": load, "timeline": ep.last_timeline}
+            "load": load, "indices": ep.last_indices, "timeline": ep.last_timeline}
 
 
 def summary_line(world: int, out: float, grad: float) -> str:

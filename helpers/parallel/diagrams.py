@@ -1,4 +1,4 @@
-"""The pictures of notebook 14: the round trip per rank, destinations per token, load per rank."""
+"""The pictures of notebook 14: the all-to-all matrix, the round trip per rank, destinations per token, load per rank."""
 
 from __future__ import annotations
 
@@ -35,6 +35,34 @@ def plot_timeline(timelines_per_rank: list[list], ax: plt.Axes | None = None) ->
     ax.set_yticks(range(len(timelines_per_rank)))
     ax.invert_yaxis()
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(PHASE_COLORS))
+    return ax
+
+
+def plot_all_to_all(send: list[list[int]], ranks_per_node: int = 1, ax: plt.Axes | None = None,
+                    title: str = "One dispatch: rows sent from each rank to each rank",
+                    vmax: float | None = None) -> plt.Axes:
+    """Heat map of one all-to-all: ``send[i][j]`` rows from rank ``i`` (row) to rank ``j`` (column).
+
+    The diagonal (rows a rank keeps) is outlined; with ``ranks_per_node > 1`` lines mark the nodes, so the
+    off-diagonal blocks are the rows that cross a node boundary. Column sums (rows each rank receives) are
+    written under the columns. ``vmax``: the top of the colour scale (share it between panels to compare them).
+    """
+    matrix = np.asarray(send, dtype=float)
+    n = len(matrix)
+    ax = axes(title, "destination rank (holds the experts)", "source rank (holds the tokens)", ax=ax,
+              figsize=(1.6 + 0.9 * n, 1.2 + 0.8 * n))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax if vmax is not None else matrix.max())
+    ax.figure.colorbar(image, ax=ax, label="rows (token, expert) pairs", shrink=0.8)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center",
+                    color="white" if matrix[i, j] > 0.6 * image.get_clim()[1] else "black")
+        ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="tab:orange"))
+    for b in range(ranks_per_node, n, ranks_per_node) if ranks_per_node > 1 else []:  # node boundaries
+        ax.axhline(b - 0.5, color="black", lw=1.5)
+        ax.axvline(b - 0.5, color="black", lw=1.5)
+    ax.set_xticks(range(n), [f"{j}\nrecv {int(matrix[:, j].sum())}" for j in range(n)])
+    ax.set_yticks(range(n))
     return ax
 
 

@@ -4,6 +4,16 @@ An *analogy* of expert parallelism inside one process: instead of splitting ever
 matmul across the cores, each core runs whole experts on its own (notebook 11, optional part). Real
 expert parallelism spreads the experts over devices and moves tokens between them with all-to-all
 collectives; this module only shares one process's experts among its threads.
+
+Why the pool loses at a few tokens (measured with ``python -m helpers.bench moe --paths``): after an operation
+that used every core, PyTorch's OpenMP worker threads do not sleep at once; they spin for a while, ready for the
+next parallel operation. A pool thread that starts meanwhile shares a core with a spinning worker, and so does a
+one-thread loop of matrix-vector products. ``OMP_WAIT_POLICY=PASSIVE`` makes the workers sleep instead, at the
+price of waking them for every parallel operation; it is read once, when PyTorch loads its OpenMP runtime, so it
+must be set before Python (or Jupyter) starts. ``make bench`` repeats the forward sweep under it
+(``notebooks/results/bench_moe_passive.json``): there the fastest backend at some sizes is another one, so the
+``auto`` backend, tuned for the default policy every learner has, is not always best; name a backend for a
+layer (``layer.backend = "sorted"``, or ``moe_backend`` in the config) to choose yourself.
 """
 
 from __future__ import annotations
