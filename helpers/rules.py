@@ -106,6 +106,77 @@ def validate_deepseek_fields(fields: dict[str, Any]) -> None:
                      fields.get("n_group") or 1, fields.get("topk_group") or 1)
 
 
+ROPE_TYPES = ("default", "yarn")
+"""The ``rope_parameters['rope_type']`` values our layers compute (YaRN: DeepSeek-V2/V3's long-context RoPE)."""
+
+YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor", "truncate")
+"""The YaRN fields of ``rope_parameters`` (``transformers``' names), besides ``rope_type`` and ``rope_theta``."""
+
+
+def rope_type_of(rope: dict[str, Any]) -> str:
+    """``rope['rope_type']`` (or the older key ``'type'``), ``'default'`` when neither is given."""
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def check_rope_parameters(rope: dict[str, Any] | None) -> None:
+    """``ValueError`` naming the field unless ``rope`` (a config's ``rope_parameters``) is RoPE we compute.
+
+    ``rope_type`` must be ``'default'`` or ``'yarn'`` (then :func:`check_yarn_fields`); ``rope_theta`` a finite
+    positive number; ``partial_rotary_factor``, if given, 1 (DeepSeek rotates the whole ``qk_rope_head_dim``).
+    """
+    rope = rope or {}
+    rope_type = rope_type_of(rope)
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_parameters['rope_type'] is {rope_type!r}: only {ROPE_TYPES} are implemented (YaRN "
+                         "is DeepSeek-V2/V3's long-context RoPE); use rope_type='yarn' with factor and "
+                         "original_max_position_embeddings, or rope_type='default'")
+    if rope.get("rope_theta") is not None:
+        require_number("rope_parameters['rope_theta']", rope["rope_theta"], positive=True)
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"rope_parameters['partial_rotary_factor'] is {rope['partial_rotary_factor']!r}: DeepSeek "
+                         "rotates all qk_rope_head_dim channels; remove it or set it to 1.0")
+    if rope_type == "yarn":
+        check_yarn_fields(rope)
+
+
+def check_yarn_fields(rope: dict[str, Any]) -> None:
+    """``ValueError`` naming the field if YaRN ``rope_parameters`` cannot describe a context extension.
+
+    Required: ``factor`` (``s``, finite, at least 1) and ``original_max_position_embeddings`` (``L``, a positive
+    integer). Optional (``None`` = YaRN's default): ``beta_fast`` > ``beta_slow`` > 0 (the ramp's ends, in turns
+    over ``L``), ``mscale``/``mscale_all_dim`` >= 0, ``attention_factor`` > 0; ``truncate``, if given, a bool. An unknown
+    key (``beta_fats``) is refused with the closest name: ``transformers`` would store and ignore it.
+    """
+    known = ("rope_type", "type", "rope_theta", "partial_rotary_factor", *YARN_KEYS)
+    for key in rope:
+        if key not in known:
+            raise ValueError(f"rope_parameters has an unknown YaRN key {key!r}{closest_name(key, known)}: it would be "
+                             f"ignored; the YaRN keys are {YARN_KEYS}")
+    for key, example in (("factor", "40 in DeepSeek-V3"), ("original_max_position_embeddings", "4096 in DeepSeek-V3")):
+        if rope.get(key) is None:
+            raise ValueError(f"rope_parameters['{key}'] is missing: YaRN needs it ({example})")
+    require_number("rope_parameters['factor']", rope["factor"], positive=True)
+    if rope["factor"] < 1:
+        raise ValueError(f"rope_parameters['factor'] is {rope['factor']!r}: YaRN stretches the context by factor, "
+                         "which must be at least 1 (1 is plain RoPE; 40 in DeepSeek-V3)")
+    require_positive(**{"rope_parameters['original_max_position_embeddings']": rope["original_max_position_embeddings"]})
+    beta = {}
+    for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        if rope.get(key) is not None:
+            require_number(f"rope_parameters['{key}']", rope[key], positive=True)
+        beta[key] = default if rope.get(key) is None else rope[key]
+    if beta["beta_fast"] <= beta["beta_slow"]:
+        raise ValueError(f"rope_parameters['beta_fast'] ({beta['beta_fast']}) must be greater than beta_slow "
+                         f"({beta['beta_slow']}): pairs turning more than beta_fast times over the original context "
+                         "are kept, fewer than beta_slow times are interpolated (32 and 1; swapped?)")
+    for key, positive in (("mscale", False), ("mscale_all_dim", False), ("attention_factor", True)):
+        if rope.get(key) is not None:
+            require_number(f"rope_parameters['{key}']", rope[key], positive=positive)
+    if "truncate" in rope:  # transformers reads a stored None as False, the dataclass default as True: refuse it
+        require_bool(**{"rope_parameters['truncate']": rope["truncate"]})
+
+
 MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
 """The ``transformers`` configs our assembled model is built from (V3; V3.2 = V3 + the lightning indexer)."""
 
@@ -117,17 +188,15 @@ def check_config(config: Any) -> None:
         config: a ``transformers`` ``DeepseekV3Config`` or ``DeepseekV32Config`` (its ``model_type`` picks the
             attention: MLA, or MLA with the lightning indexer).
 
-    A config asking for something we do not implement (YaRN scaling, attention or MLP biases, tied
-    embeddings, another activation, key/value head groups) is refused before any weight is built.
+    A config asking for something we do not implement (a RoPE type other than default or YaRN, attention or
+    MLP biases, tied embeddings, another activation, key/value head groups) is refused before any weight is
+    built.
     """
     model_type = getattr(config, "model_type", type(config).__name__)
     if model_type not in MODEL_TYPES:
         raise ValueError(f"config must be a DeepseekV3Config or DeepseekV32Config (model_type in {MODEL_TYPES}), "
                          f"got {model_type!r}")
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(f"rope_parameters['rope_type'] is {rope_type!r}: only default RoPE is implemented "
-                         "(YaRN also rescales the softmax); use rope_parameters={'rope_type': 'default', ...}")
+    check_rope_parameters(config.rope_parameters)
     refused = {
         "attention_bias": (False, "DeepSeek's MLA projections have no biases"),
         "mlp_bias": (False, "the SwiGLU experts have no biases"),

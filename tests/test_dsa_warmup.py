@@ -1,6 +1,7 @@
 """The indexer's dense warm-up on the trained capstone model (helpers.dsa.warmup): the sparse layer built from a
 capstone MLA layer is that layer, the whole model with sparse attention equals the dense one when k covers the
-window, a short warm-up trains only the indexers and raises held-out recall, and the saved run is consistent."""
+window, a short warm-up trains only the indexers and raises held-out recall, the recall curve for every k equals
+the recall at each k, and the saved run is consistent."""
 
 import json
 import pathlib
@@ -10,9 +11,13 @@ import torch
 
 from helpers.dsa.warmup import (
     CHECKPOINT,
+    attention_distribution,
     attention_inputs_of,
     capstone_text,
     indexer_kl_loss,
+    indexer_log_probs,
+    recall_curve,
+    recent_order,
     recent_recall,
     sparse_from_mla,
     topk_recall,
@@ -86,6 +91,28 @@ def test_recent_recall_counts_the_last_k_tokens():
     x = torch.randn(2, 10, 16)
     assert recent_recall(layer, x, 10) == 1.0
     assert 0 < recent_recall(layer, x, 2) < recent_recall(layer, x, 5) < 1
+
+
+def test_recall_curve_equals_the_recall_at_every_k():
+    """recall_curve (the notebook's k slider) gives topk_recall for the indexer's order and recent_recall for the
+    most-recent order, at every k; k >= T keeps everything."""
+    torch.manual_seed(0)
+    # 8 indexer heads: with 2, ReLU zeros tie many scores and top-k and argsort may break the ties differently
+    layer = sparse_from_mla(MultiHeadLatentAttention(16, 2, 8, 4, 4, 4, q_lora_rank=8), 4, 8, 8)
+    x = torch.randn(2, 10, 16)
+    p = attention_distribution(layer, x)  # (2, 10, 10)
+    with torch.no_grad():
+        log_q = indexer_log_probs(layer, x)  # (2, 10, 10)
+        visible = log_q.isfinite()
+        assert all(len(set(row[m].tolist())) == int(m.sum()) for row, m in zip(log_q.flatten(0, 1), visible.flatten(0, 1)))
+        by_indexer = recall_curve(p, log_q.argsort(-1, descending=True))
+    by_recency = recall_curve(p, recent_order(10, 10).expand_as(p))
+    assert by_indexer.shape == (10,)
+    for k in range(1, 11):
+        assert abs(by_indexer[k - 1] - topk_recall(layer, x, k)) < 1e-6, k
+        assert abs(by_recency[k - 1] - recent_recall(layer, x, k)) < 1e-6, k
+    assert by_indexer[-1] == 1.0 and (by_recency.diff() >= -1e-6).all()
+    assert recent_order(2, 4, start_pos=2).tolist() == [[2, 1, 0, 3], [3, 2, 1, 0]]
 
 
 def test_saved_warm_up_is_consistent():

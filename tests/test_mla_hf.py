@@ -120,8 +120,7 @@ def test_unsupported_transformers_features_are_rejected():
     with pytest.raises(ValueError, match="attention_bias"):
         mla_from_hf(DeepseekV3Attention(config, 0))
     config = tiny_config()
-    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                              "original_max_position_embeddings": 64}
+    config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}  # YaRN: tests/test_yarn.py
     with pytest.raises(ValueError, match="rope_type"):
         mla_from_hf(DeepseekV3Attention(config, 0))
     ours = MultiHeadLatentAttention(64, 4, 16, 16, 8, 16, rope_interleave=False)

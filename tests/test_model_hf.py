@@ -98,8 +98,7 @@ def test_export_loads_with_from_pretrained_and_mtp_generate(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 64}, "rope_type"),
+    ("rope_parameters", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}, "rope_type"),
     ("attention_bias", True, "attention_bias"),
     ("tie_word_embeddings", True, "tie_word_embeddings"),
     ("hidden_act", "gelu", "hidden_act"),

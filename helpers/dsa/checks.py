@@ -119,20 +119,26 @@ def _sparse_case(description: str, seed: int, b: int, t: int, start: int, h: int
 
 def _sparse_cases() -> list[Case]:
     # prefill with k above the first queries' visible counts (padded slots) and below the last ones' (a real
-    # choice), and a decode step; B=2 so a gather that ignores the batch is caught
+    # choice), and a decode step; B=2 so a gather that ignores the batch is caught. The cached cases tell the
+    # position mistakes apart: positions restarting at 0 fail at decode; an offset applied twice hides nothing
+    # in the decode and short-chunk cases (like no mask at all) but still hides keys when T > start_pos.
     return [_sparse_case("prefill: B=2, T=S=7, start_pos=0, k=3, n_h=2, d_h=6, d_h^R=4, d_v=5, d_c=9",
                          1, 2, 7, 0, 2, 6, 4, 5, 9, 3),
             _sparse_case("decode: B=2, T=1, start_pos=8 (S=9), k=4, n_h=3, d_h=5, d_h^R=2, d_v=7, d_c=11",
                          2, 2, 1, 8, 3, 5, 2, 7, 11, 4),
             _sparse_case("chunk: B=1, T=3, start_pos=5 (S=8), k=5, n_h=2, d_h=4, d_h^R=6, d_v=3, d_c=10",
-                         3, 1, 3, 5, 2, 4, 6, 3, 10, 5)]
+                         3, 1, 3, 5, 2, 4, 6, 3, 10, 5),
+            _sparse_case("long chunk after a short cache: B=1, T=5, start_pos=2 (S=7), k=3, n_h=2, d_h=5, d_h^R=3, "
+                         "d_v=4, d_c=6", 4, 1, 5, 2, 2, 5, 3, 4, 6, 3)]
 
 
 def _sparse_with(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, softmax_scale, scores, topk, start_pos, *,
-                 causal: str = "before topk", largest: bool = True, batch: bool = True, mask_pad: bool = True,
-                 select: bool = True, rope: bool = True, scale: bool = True, softmax_dim: int = -1) -> Tensor:
+                 causal: str = "before topk", offset: str = "start_pos", largest: bool = True, batch: bool = True,
+                 mask_pad: bool = True, select: bool = True, rope: bool = True, scale: bool = True,
+                 softmax_dim: int = -1) -> Tensor:
     t, s = scores.shape[1], scores.shape[2]
-    rows = start_pos + torch.arange(t)[:, None]  # (T, 1)
+    first = {"start_pos": start_pos, "zero": 0, "twice": 2 * start_pos, "plus one": start_pos + 1}[offset]
+    rows = first + torch.arange(t)[:, None]  # (T, 1) the absolute position of each query
     visible = torch.arange(s)[None, :] < rows if causal == "strict" else torch.arange(s)[None, :] <= rows  # (T, S)
     if causal == "none":
         visible = torch.ones_like(visible)
@@ -174,11 +180,22 @@ check_topk_sparse_attention = Checker(
     cases=_sparse_cases,
     reference=reference_topk_sparse_attention,
     mistakes=[
+        Mistake("positions restart at zero", _t(offset="zero"),
+                "the start position was ignored: query t sits at absolute position start_pos + t (the cache holds "
+                "start_pos earlier tokens), but your mask treats it as position t, so a decode step sees only the "
+                "first tokens of the cache"),
+        Mistake("offset applied twice", _t(offset="twice"),
+                "the start position was added twice: query t may see tokens up to 2 * start_pos + t. Its position "
+                "is start_pos + t; if your positions already include start_pos, do not add it again"),
+        Mistake("mask off by one (sees the next token)", _t(offset="plus one"),
+                "the mask is off by one: query t also sees token start_pos + t + 1, the next one; the visible "
+                "tokens are s <= start_pos + t"),
         Mistake("no causal mask before top-k", _t(causal="none"),
                 "queries attend to future tokens: mask the indexer scores with -inf beyond start_pos + t "
                 "BEFORE taking the top-k"),
         Mistake("query cannot see itself", _t(causal="strict"),
-                "query t never selects its own token: the visible tokens are 0..start_pos + t inclusive (<=, not <)"),
+                "query t never selects its own token (the mask is off by one the other way): the visible tokens "
+                "are 0..start_pos + t inclusive (<=, not <)"),
         Mistake("k smallest scores", _t(largest=False),
                 "the k LOWEST-scoring tokens were kept: topk must take the largest scores"),
         Mistake("gather ignores the batch", _t(batch=False),

@@ -16,6 +16,7 @@ reported separately (``projection_flops``) and their weights' bytes are not coun
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -55,6 +56,33 @@ def decode_cost(config: Any, context: int, topk: int | None = None, bytes_latent
                 indexer_bytes=indexer_bytes, sparse_flops=sparse_flops, sparse_bytes=sparse_bytes,
                 dsa_flops=indexer_flops + sparse_flops, dsa_bytes=indexer_bytes + sparse_bytes,
                 projection_flops=projection, indexer_projection_flops=2 * (q * n_i * d_i + h * d_i + h * n_i))
+
+
+def per_token_flops(config: Any) -> dict[str, int]:
+    """Attention FLOPs per cached token scored: ``dense`` ``2 n_h (2 d_c + d_h^R)`` (absorbed MLA: scores against
+    ``[c; k^R]`` and the weighted sum of ``c``, every head) and ``indexer`` ``2 n_I (d_I + 1)`` (one dot product
+    per indexer head against the ONE shared key, and its head weight)."""
+    n_h, d_c, d_r = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim
+    return dict(dense=2 * n_h * (2 * d_c + d_r), indexer=2 * config.index_n_heads * (config.index_head_dim + 1))
+
+
+def flop_crossover(config: Any, topk: int | None = None) -> float | None:
+    """The context ``S`` above which DSA needs fewer attention FLOPs per decoded token than dense MLA.
+
+    Below ``k`` DSA keeps every token and adds the indexer, so it never wins there; above, dense costs
+    ``S * dense`` and DSA ``S * indexer + k * dense`` (:func:`per_token_flops`): equal at
+    ``S = k * dense / (dense - indexer)``. ``None`` if the indexer costs as much per token as dense attention.
+    """
+    k = config.index_topk if topk is None else topk
+    f = per_token_flops(config)
+    return None if f["indexer"] >= f["dense"] else k * f["dense"] / (f["dense"] - f["indexer"])
+
+
+def layer_config(attention: dict[str, Any]) -> SimpleNamespace:
+    """A :class:`~helpers.dsa.SparseLatentAttention`'s keyword sizes (e.g. the benchmark's saved ``attention``)
+    under ``DeepseekV32Config``'s field names, so :func:`decode_cost` can count that layer."""
+    names = dict(n_heads="num_attention_heads")
+    return SimpleNamespace(**{names.get(key, key): value for key, value in attention.items()})
 
 
 def cost_table(config: Any, contexts=(4096, 16384, 32768, 131072), topk: int | None = None, **bytes_per) -> str:

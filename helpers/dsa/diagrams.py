@@ -1,4 +1,5 @@
-"""Drawings of notebook 25: which cached tokens each query selects."""
+"""Drawings of notebook 25: which cached tokens each query selects, the indexer's distribution against the
+attention's, the top-k recall against k."""
 
 from __future__ import annotations
 
@@ -70,3 +71,55 @@ def plot_warmup(saved: dict, axs=None):
     ax.legend(fontsize=8, title=f"dense: {loss['dense']:.3f} nats/token", title_fontsize=8)
     axs[0].figure.tight_layout()
     return axs
+
+
+def draw_score_maps(maps: dict[str, Tensor], title: str = "", axs=None):
+    """Query x token heatmaps of distributions ``(T, S)`` side by side, on one log colour scale (the future,
+    exactly 0, stays white): e.g. the main attention summed over heads against ``Softmax(I_t,:)``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    from helpers.teaching.plotting import axes
+
+    if axs is None:
+        _, axs = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.8), sharey=True)
+    for ax, (name, m) in zip(axs, maps.items()):
+        axes(name, "cached token s (position)", "query t (position)", ax=ax)
+        image = ax.imshow(m.masked_fill(m <= 0, float("nan")), norm=LogNorm(1e-4, 1), cmap="magma_r",
+                          aspect="auto", interpolation="nearest")
+        ax.grid(False)
+    axs[0].figure.colorbar(image, ax=list(axs), label="probability (log scale)")
+    if title:
+        axs[0].figure.suptitle(title, y=1.04)
+    return axs
+
+
+def draw_recall_at_k(k: int, p: Tensor, order: Tensor, curves: dict[str, Tensor]):
+    """One figure for a chosen ``k``. Left: the attention distribution ``p (T, S)`` of one window, the tokens
+    outside each query's top-``k`` (by ``order (T, S)``, best first) greyed out. Right: the top-k recall
+    ``curves`` (name -> ``(S,)`` for k = 1..S, :func:`helpers.dsa.warmup.recall_curve`) with ``k`` marked."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    from helpers.teaching.plotting import axes
+
+    t, s = p.shape
+    keep = torch.zeros(t, s, dtype=torch.bool).scatter(1, order[:, :k], True)  # (T, S)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw=dict(width_ratios=(1, 1.2)))
+    kept = p.masked_fill(~keep | (p <= 0), float("nan"))
+    dropped = torch.where(~keep & (p > 0), 1.0, float("nan"))
+    axes(f"Attention kept by the top-{k} (window 0)", "cached token s (position)", "query t (position)", ax=left)
+    left.imshow(dropped, cmap="Greys", vmin=0, vmax=4, aspect="auto", interpolation="nearest")
+    left.imshow(kept, norm=LogNorm(1e-4, 1), cmap="magma_r", aspect="auto", interpolation="nearest")
+    left.grid(False)
+    axes("Top-k recall (validation windows)", "k (tokens kept per query, log scale)",
+         "share of the attention mass kept", ax=right)
+    ks = torch.arange(1, s + 1)
+    for name, curve in curves.items():
+        right.plot(ks, curve, label=f"{name}: {curve[k - 1]:.1%} at k = {k}")
+    right.axvline(k, color="black", linewidth=0.8)
+    right.set_xscale("log", base=2)
+    right.set_ylim(0, 1.02)
+    right.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -14,8 +14,8 @@ MLA (``wq_a`` ... ``wo``)  ``q_a_proj`` ... ``o_proj``     :data:`helpers.mla.hf
 =======================  ==============================  ==============================================
 
 ``DeepseekV32Attention`` always has query compression and always rotates the main RoPE in interleaved pairs
-(its config has no ``rope_interleave``); YaRN configs and attention biases are rejected as in
-:mod:`helpers.mla.hf`. Settings come from :meth:`SparseLatentAttention.from_config` and go back through
+(its config has no ``rope_interleave``); YaRN configs stretch the indexer's RoPE as the main attention's
+(``transformers`` hands both the same cos and sin); attention biases are rejected as in :mod:`helpers.mla.hf`. Settings come from :meth:`SparseLatentAttention.from_config` and go back through
 :meth:`SparseLatentAttention.config_fields`; this module maps only the weights.
 """
 

@@ -30,6 +30,10 @@ the checkpoint's scores: the same weights rotated in interleaved pairs give diff
 (``transformers``: "The indexer uses NON-interleaved (half-split) RoPE -- unlike the main MLA attention").
 The reference also applies a Hadamard rotation and FP8 to ``q`` and ``k``; the rotation is orthogonal (it
 preserves every ``q . k``), FP8 is a precision choice, and ``transformers`` (and we) skip both.
+
+YaRN: with a YaRN config the indexer rotates with the main attention's cos and sin, stretched frequencies and
+``attention_factor`` included (``transformers`` hands both the same ``position_embeddings``); its own scale
+``d_I ** -0.5`` is not multiplied by ``mscale^2``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from helpers.mla.cache import GrowingBuffer
-from helpers.mla.rope import apply_rope, rope_cos_sin
+from helpers.mla.rope import YaRN, apply_rope, require_yarn, rope_cos_sin
 from helpers.rules import require_number, require_positive
 
 
@@ -121,13 +125,16 @@ class LightningIndexer(nn.Module):
         index_n_heads: ``n_I``; index_head_dim: ``d_I`` (at least ``qk_rope_head_dim``).
         qk_rope_head_dim: how many leading channels get RoPE (the main attention's ``d_h^R``).
         rope_theta: RoPE base (the main attention's).
+        yarn: the main attention's YaRN settings (:class:`~helpers.mla.rope.YaRN`), or ``None`` for plain RoPE.
     """
 
     def __init__(self, hidden_size: int, q_lora_rank: int, index_n_heads: int, index_head_dim: int,
-                 qk_rope_head_dim: int, rope_theta: float = 10000.0) -> None:
+                 qk_rope_head_dim: int, rope_theta: float = 10000.0, yarn: YaRN | None = None) -> None:
         super().__init__()
         check_indexer_settings(hidden_size, q_lora_rank, index_n_heads, index_head_dim, qk_rope_head_dim, rope_theta)
+        require_yarn(yarn)
         self.n_heads, self.head_dim, self.rope_dim, self.rope_theta = index_n_heads, index_head_dim, qk_rope_head_dim, rope_theta
+        self.yarn = yarn
         self.softmax_scale = index_head_dim ** -0.5
         self.wq_b = nn.Linear(q_lora_rank, index_n_heads * index_head_dim, bias=False)
         self.wk = nn.Linear(hidden_size, index_head_dim, bias=False)
@@ -142,7 +149,8 @@ class LightningIndexer(nn.Module):
     def queries_keys_weights(self, x: Tensor, q_latent: Tensor, start_pos: int) -> tuple[Tensor, Tensor, Tensor]:
         """``q (B, T, n_I, d_I)``, ``k (B, T, d_I)`` (both rotated) and ``w (B, T, n_I)`` (scaled) for the new tokens."""
         b, t, _ = x.shape
-        cos, sin = rope_cos_sin(torch.arange(start_pos, start_pos + t, device=x.device), self.rope_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(torch.arange(start_pos, start_pos + t, device=x.device), self.rope_dim, self.rope_theta,
+                                self.yarn)  # (T, d_r/2) each
         q = self.wq_b(q_latent).view(b, t, self.n_heads, self.head_dim)  # (B, T, n_I, d_I)
         q = self._rope(q, cos[:, None], sin[:, None])
         k = self._rope(self.k_norm(self.wk(x)), cos, sin)  # (B, T, d_I): one key per token, shared by all heads

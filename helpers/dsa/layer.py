@@ -24,6 +24,7 @@ from helpers.dsa.indexer import IndexerKeyCache, LightningIndexer, select_topk
 from helpers.inputs import check_attention_input
 from helpers.mla import LatentCache, MultiHeadLatentAttention
 from helpers.mla.attention import attention_backend
+from helpers.mla.rope import YaRN
 from helpers.rules import require_bool, require_positive
 
 
@@ -65,7 +66,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         q_lora_rank: required: the indexer reads the compressed query ``c^Q``.
         backend: ``"sparse"`` (default), ``"sparse_naive"``, or a dense MLA backend (``"absorbed"``, ``"naive"``).
         everything else: as :class:`~helpers.mla.MultiHeadLatentAttention` (V3.2 rotates the main attention's
-            RoPE in interleaved pairs, ``rope_interleave=True``).
+            RoPE in interleaved pairs, ``rope_interleave=True``); ``yarn`` also stretches the indexer's RoPE.
 
     Call it like the MLA layer: ``layer(x, cache=cache, absorb=None)`` with ``x (B, T, H)`` and an optional
     :class:`SparseLatentCache` continued from its length; ``sparse=False`` attends densely (same caches).
@@ -77,14 +78,15 @@ class SparseLatentAttention(MultiHeadLatentAttention):
     def __init__(self, hidden_size: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None, index_topk: int,
                  index_n_heads: int, index_head_dim: int, rope_theta: float = 10000.0,
-                 rope_interleave: bool = True, rms_norm_eps: float = 1e-6, backend: str | None = None) -> None:
+                 rope_interleave: bool = True, rms_norm_eps: float = 1e-6, backend: str | None = None,
+                 yarn: YaRN | None = None) -> None:
         check_dsa_settings(q_lora_rank, index_topk)
         super().__init__(hidden_size, n_heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
                          q_lora_rank=q_lora_rank, rope_theta=rope_theta, rope_interleave=rope_interleave,
-                         rms_norm_eps=rms_norm_eps, backend=backend)
+                         rms_norm_eps=rms_norm_eps, backend=backend, yarn=yarn)
         self.index_topk = index_topk
         self.indexer = LightningIndexer(hidden_size, q_lora_rank, index_n_heads, index_head_dim,
-                                        qk_rope_head_dim, rope_theta)
+                                        qk_rope_head_dim, rope_theta, yarn)
 
     @staticmethod
     def settings_from_config(config: Any) -> dict[str, Any]:

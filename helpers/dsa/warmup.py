@@ -4,7 +4,8 @@ Everything but the indexer is frozen and attention stays dense. The target for q
 attention's distribution summed over heads and L1-normalised, ``p_{t,:}``; the loss is
 ``sum_t KL(p_{t,:} || Softmax(I_{t,:}))``, so the indexer learns to put its largest scores where the heads
 put their attention mass. The indexer's inputs are detached: its loss trains only the indexer.
-:func:`topk_recall` measures what the warm-up is for: the share of the attention mass the top-k keeps.
+:func:`topk_recall` measures what the warm-up is for: the share of the attention mass the top-k keeps
+(:func:`recall_curve`: for every k at once).
 
 The second half runs the warm-up on the trained capstone model (notebooks 30-32): for each of its attention
 layers, :func:`sparse_from_mla` builds a :class:`SparseLatentAttention` with the layer's trained MLA weights and
@@ -75,6 +76,28 @@ def topk_recall(layer: SparseLatentAttention, x: Tensor, topk: int | None = None
     kept = p.gather(-1, idx).sum(dim=-1)  # (B, T)
     rows = torch.arange(x.shape[1], device=x.device) >= k  # queries that see more than k tokens
     return float(kept[:, rows].mean()) if rows.any() else 1.0
+
+
+def recall_curve(p: Tensor, order: Tensor) -> Tensor:
+    """Top-k recall for every ``k = 1..S`` at once: ``(S,)``, entry ``k - 1`` as :func:`topk_recall` gives it.
+
+    Args:
+        p: ``(B, T, S)`` the main attention's distribution (:func:`attention_distribution`), 0 on the future.
+        order: ``(B, T, S)`` each query's tokens in the order a selector keeps them (best first), e.g.
+            ``indexer_log_probs(...).argsort(-1, descending=True)``.
+    """
+    kept = p.gather(-1, order).cumsum(dim=-1)  # (B, T, S): mass kept by the first k of the order
+    t, s = p.shape[1], p.shape[2]
+    rows = torch.arange(t, device=p.device)[:, None] >= torch.arange(1, s + 1, device=p.device)[None, :]  # (T, k)
+    per_k = (kept * rows).sum(dim=(0, 1)) / (rows.sum(dim=0) * p.shape[0]).clamp_min(1)  # (S,)
+    return torch.where(rows.any(dim=0), per_k, torch.ones_like(per_k))  # k >= T: every query keeps everything
+
+
+def recent_order(t: int, s: int, start_pos: int = 0) -> Tensor:
+    """``(T, S)``: each query's visible tokens from the most recent back (the sliding window's order), then the
+    future; query ``t`` sits at position ``start_pos + t``."""
+    back = (start_pos + torch.arange(t))[:, None] - torch.arange(s)[None, :]  # (T, S) how far back s is
+    return torch.where(back >= 0, back, s + back.abs()).argsort(dim=-1)
 
 
 # ---------------------------------------------------------------- the warm-up on the trained capstone model

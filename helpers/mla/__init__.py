@@ -3,7 +3,8 @@
 =================  ===========================================================================
 module             holds
 =================  ===========================================================================
-``rope``           rotary embeddings in both pair layouts (interleaved and half-split)
+``rope``           rotary embeddings in both pair layouts (interleaved and half-split); ``YaRN``, the
+                   long-context RoPE of DeepSeek-V2/V3 (stretched frequencies, softmax-scale correction)
 ``cache``          the growing buffer, the MHA/GQA ``KVCache``, MLA's ``LatentCache``, the causal mask
 ``baselines``      :class:`MultiHeadAttention`: MHA, GQA and MQA, the baselines MLA is measured against
 ``attention``      MLA's attention over the latent, naive (re-expand) and absorbed, registered by name in
@@ -20,8 +21,8 @@ from helpers.mla.attention import ATTENTION_BACKENDS, absorbed_attention, attent
 from helpers.mla.baselines import MultiHeadAttention
 from helpers.mla.cache import GrowingBuffer, KVCache, LatentCache, causal_mask
 from helpers.mla.layer import MultiHeadLatentAttention
-from helpers.mla.rope import apply_rope, rope_cos_sin
+from helpers.mla.rope import YaRN, apply_rope, rope_cos_sin
 
 __all__ = ["MultiHeadLatentAttention", "MultiHeadAttention", "LatentCache", "KVCache", "GrowingBuffer",
            "causal_mask", "naive_attention", "absorbed_attention", "ATTENTION_BACKENDS", "attention_backend",
-           "apply_rope", "rope_cos_sin"]
+           "apply_rope", "rope_cos_sin", "YaRN"]

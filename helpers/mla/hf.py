@@ -17,9 +17,10 @@ ours               ``transformers``             paper (DeepSeek-V2, arXiv 2405.0
 
 RoPE: ``DeepseekV3Attention`` rotates pairs ``(x0, x1), ...`` when ``config.rope_interleave`` (and halves
 otherwise); ``DeepseekV2Attention`` always rotates pairs, via complex numbers (``torch.view_as_complex`` on
-``(..., d/2, 2)``), which is our ``rope_interleave=True``. Both use default RoPE here: YaRN-scaled configs
-(``rope_type != "default"``, which also rescale the softmax) are rejected with a ``ValueError``, as are
-attention biases (``attention_bias=True``) and ``num_key_value_heads != num_attention_heads``.
+``(..., d/2, 2)``), which is our ``rope_interleave=True``. Default RoPE and YaRN (``rope_type="yarn"``: stretched
+frequencies, cos and sin times ``attention_factor``, softmax scale times ``mscale**2``; :class:`helpers.mla.rope.YaRN`)
+convert; another ``rope_type`` is rejected with a ``ValueError``, as are attention biases
+(``attention_bias=True``) and ``num_key_value_heads != num_attention_heads``.
 
 Settings are read from the config by :meth:`MultiHeadLatentAttention.from_config` (the one mapping) and written
 back by :meth:`MultiHeadLatentAttention.config_fields` (its inverse); this module maps only the weights.

@@ -21,6 +21,10 @@ The attention itself is looked up by name (``backend``, :data:`helpers.mla.atten
 shortcut for those two. :meth:`MultiHeadLatentAttention.from_config` builds the layer from a ``transformers``
 config, the one place where config fields become layer settings.
 
+Long context: ``yarn`` (:class:`helpers.mla.rope.YaRN`, from a config's ``rope_parameters`` with
+``rope_type="yarn"``) stretches the RoPE frequencies and multiplies ``softmax_scale`` by ``mscale^2``, as
+DeepSeek-V2/V3 do for their 128K context (V3 §4.3) and as ``transformers``' ``DeepseekV3Attention`` does.
+
 RoPE layout: with ``rope_interleave=True`` (DeepSeek's checkpoints) the rotated pairs are
 ``(x0, x1), (x2, x3), ...``; :func:`apply_rope` keeps that pair layout. ``transformers``'
 ``apply_rotary_pos_emb_interleave`` instead returns the rotated vector de-interleaved into halves
@@ -32,6 +36,7 @@ fixed permutation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,19 +45,20 @@ from torch import Tensor, nn
 from helpers.inputs import check_attention_input
 from helpers.mla.attention import attention_backend
 from helpers.mla.cache import LatentCache
-from helpers.mla.rope import apply_rope, rope_cos_sin
+from helpers.mla.rope import YaRN, apply_rope, require_yarn, rope_cos_sin
 from helpers.precision import RMSNorm
 from helpers.rules import require_bool, require_number, require_positive
 
 
 def check_mla_settings(hidden_size: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
                        qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None, rope_theta: float,
-                       rope_interleave: bool, rms_norm_eps: float) -> None:
+                       rope_interleave: bool, rms_norm_eps: float, yarn: YaRN | None = None) -> None:
     """Build-time rules of an MLA layer: ``ValueError`` (``TypeError`` for a flag) naming the field.
 
     Sizes are positive integers (``q_lora_rank`` may be ``None``: no query compression), ``qk_rope_head_dim`` is
     even (RoPE rotates pairs), ``rope_theta`` and ``rms_norm_eps`` are finite and positive, ``rope_interleave`` is
-    a bool. (The backend is checked when it is set: :attr:`MultiHeadLatentAttention.backend`.)
+    a bool, ``yarn`` a :class:`~helpers.mla.rope.YaRN` or ``None`` (its fields were checked when it was built).
+    (The backend is checked when it is set: :attr:`MultiHeadLatentAttention.backend`.)
     """
     require_positive(hidden_size=hidden_size, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
                      qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
@@ -62,6 +68,7 @@ def check_mla_settings(hidden_size: int, n_heads: int, kv_lora_rank: int, qk_nop
     require_number("rope_theta", rope_theta, positive=True)
     require_number("rms_norm_eps", rms_norm_eps, positive=True)
     require_bool(rope_interleave=rope_interleave)
+    require_yarn(yarn)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -76,7 +83,7 @@ class MultiHeadLatentAttention(nn.Module):
       normalised by ``kv_norm``, ``k^R_t`` rotated with RoPE; these two are what :class:`LatentCache` holds;
     - keys and values (eq. 10-12, 15-16): ``k^C_{t,i} = W^{UK}_i c^{KV}_t``, ``v^C_{t,i} = W^{UV}_i c^{KV}_t`` (``wkv_b``);
     - attention and output (eq. 17-19): softmax over ``(q^C . k^C + q^R . k^R) / sqrt(d_h + d_h^R)``, then ``wo``
-      (``softmax_scale``; YaRN checkpoints multiply it by ``mscale**2``, see ``rope_theta`` below).
+      (``softmax_scale``; with YaRN multiplied by ``mscale**2``, see ``yarn`` below).
 
     Precision (:mod:`helpers.precision`): ``q_norm``, ``kv_norm`` and the softmax compute in fp32 and return to
     the model's dtype; everything else, the cache included, stays in the dtype of the weights.
@@ -89,14 +96,14 @@ class MultiHeadLatentAttention(nn.Module):
         qk_rope_head_dim: ``d_h^R``, the RoPE width (even).
         v_head_dim: the per-head value width.
         q_lora_rank: ``d_c'``, the query latent width; ``None`` means no query compression (DeepSeek-V2-Lite).
-        rope_theta: RoPE base. Only default RoPE is implemented: the released DeepSeek-V2/V3 checkpoints use
-            YaRN (``rope_scaling`` type ``yarn``), which also changes the RoPE frequencies and multiplies the
-            softmax scale by ``mscale**2``, ``mscale = 0.1 * mscale_all_dim * ln(factor) + 1`` (as
-            ``transformers``' ``DeepseekV3Attention`` does; notebook 22).
+        rope_theta: RoPE base.
         rope_interleave: pair layout for RoPE, see :func:`apply_rope`.
         rms_norm_eps: epsilon of ``q_norm`` and ``kv_norm``.
         absorb: shortcut for ``backend``: ``False`` is ``"naive"`` (re-expansion), ``True`` is ``"absorbed"``.
         backend: the attention by name (``"naive"``, ``"absorbed"``); ``None`` follows ``absorb``.
+        yarn: YaRN long-context RoPE (:class:`~helpers.mla.rope.YaRN`; V3 §4.3, notebook 26): stretched
+            frequencies for ``q^R``, ``k^R``, cos and sin times ``attention_factor``, and ``softmax_scale`` times
+            ``mscale(s, mscale_all_dim)**2``, ``mscale = 0.1 * mscale_all_dim * ln(s) + 1``; ``None``: plain RoPE.
     """
 
     default_backend = "naive"
@@ -105,7 +112,7 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, hidden_size: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None = None,
                  rope_theta: float = 10000.0, rope_interleave: bool = True, rms_norm_eps: float = 1e-6,
-                 absorb: bool | None = None, backend: str | None = None) -> None:
+                 absorb: bool | None = None, backend: str | None = None, yarn: YaRN | None = None) -> None:
         super().__init__()
         if absorb is not None:
             require_bool(absorb=absorb)
@@ -114,14 +121,15 @@ class MultiHeadLatentAttention(nn.Module):
             backend = self.backend_for(absorb)
         backend = self.default_backend if backend is None else backend
         check_mla_settings(hidden_size, n_heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
-                           q_lora_rank, rope_theta, rope_interleave, rms_norm_eps)
+                           q_lora_rank, rope_theta, rope_interleave, rms_norm_eps, yarn)
         self.hidden_size, self.n_heads = hidden_size, n_heads
         self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.rope_theta, self.rope_interleave, self.rms_norm_eps = rope_theta, rope_interleave, rms_norm_eps
+        self.yarn = yarn
         self.backend = backend
-        self.softmax_scale = self.qk_head_dim ** -0.5
+        self.softmax_scale = self.qk_head_dim ** -0.5 if yarn is None else yarn.scale_softmax(self.qk_head_dim ** -0.5)
         if q_lora_rank is None:
             self.wq = nn.Linear(hidden_size, n_heads * self.qk_head_dim, bias=False)  # [W^{UQ}; W^{QR}] on h_t
         else:
@@ -140,13 +148,12 @@ class MultiHeadLatentAttention(nn.Module):
 
         ``q_norm``/``kv_norm`` use eps 1e-6 whatever ``config.rms_norm_eps`` says, as ``transformers``
         (``DeepseekV3RMSNorm(q_lora_rank)``) and DeepSeek's ``inference/model.py`` do. V2 and V3.2 always rotate
-        interleaved pairs (their configs have no ``rope_interleave``). ``ValueError`` naming the field for what we
-        do not implement: YaRN or another ``rope_type``, ``attention_bias``, key/value head groups.
+        interleaved pairs (their configs have no ``rope_interleave``). ``rope_parameters`` with ``rope_type="yarn"``
+        give ``yarn`` (:meth:`YaRN.from_rope_parameters`). ``ValueError`` naming the field for what we do not
+        implement: another ``rope_type``, bad YaRN fields, ``attention_bias``, key/value head groups.
         """
         rope = config.rope_parameters or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_parameters['rope_type'] is {rope['rope_type']!r}: only default RoPE is supported "
-                             "(YaRN also rescales the softmax); use rope_type='default'")
+        yarn = YaRN.from_rope_parameters(rope)
         if getattr(config, "attention_bias", False):
             raise ValueError("attention_bias=True is not supported: DeepSeek's MLA projections have no biases")
         if config.num_key_value_heads != config.num_attention_heads:
@@ -156,7 +163,7 @@ class MultiHeadLatentAttention(nn.Module):
                     kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
                     qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
                     q_lora_rank=config.q_lora_rank, rope_theta=float(rope["rope_theta"]),
-                    rope_interleave=bool(getattr(config, "rope_interleave", True)), rms_norm_eps=1e-6)
+                    rope_interleave=bool(getattr(config, "rope_interleave", True)), rms_norm_eps=1e-6, yarn=yarn)
 
     @classmethod
     def from_config(cls, config: Any, backend: str | None = None) -> MultiHeadLatentAttention:
@@ -173,15 +180,23 @@ class MultiHeadLatentAttention(nn.Module):
         return dict(hidden_size=self.hidden_size, n_heads=self.n_heads, kv_lora_rank=self.kv_lora_rank,
                     qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
                     v_head_dim=self.v_head_dim, q_lora_rank=self.q_lora_rank, rope_theta=self.rope_theta,
-                    rope_interleave=self.rope_interleave, rms_norm_eps=self.rms_norm_eps)
+                    rope_interleave=self.rope_interleave, rms_norm_eps=self.rms_norm_eps, yarn=self.yarn)
 
     def config_fields(self) -> dict[str, Any]:
-        """The ``transformers`` config fields describing this layer: the inverse of :meth:`settings_from_config`."""
-        return dict(hidden_size=self.hidden_size, num_attention_heads=self.n_heads, num_key_value_heads=self.n_heads,
-                    kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
-                    qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=self.q_lora_rank,
-                    rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-                    rope_interleave=self.rope_interleave)
+        """The ``transformers`` config fields describing this layer: the inverse of :meth:`settings_from_config`.
+
+        With YaRN, ``max_position_embeddings`` is the stretched context ``s L`` (rounded up), the length
+        ``transformers`` expects beside ``factor`` and ``original_max_position_embeddings``.
+        """
+        fields = dict(hidden_size=self.hidden_size, num_attention_heads=self.n_heads, num_key_value_heads=self.n_heads,
+                      kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
+                      qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, q_lora_rank=self.q_lora_rank,
+                      rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                      rope_interleave=self.rope_interleave)
+        if self.yarn is not None:
+            fields["rope_parameters"] = {**self.yarn.rope_parameters(), "rope_theta": self.rope_theta}
+            fields["max_position_embeddings"] = math.ceil(self.yarn.factor * self.yarn.original_max_position_embeddings)
+        return fields
 
     @property
     def backend(self) -> str:
@@ -209,7 +224,7 @@ class MultiHeadLatentAttention(nn.Module):
         return (f"n_heads={self.n_heads}, kv_lora_rank={self.kv_lora_rank}, q_lora_rank={self.q_lora_rank}, "
                 f"qk_nope_head_dim={self.qk_nope_head_dim}, qk_rope_head_dim={self.qk_rope_head_dim}, "
                 f"v_head_dim={self.v_head_dim}, rope_interleave={self.rope_interleave}, backend={self.backend!r}, "
-                f"absorb={self.absorb}")
+                f"absorb={self.absorb}" + ("" if self.yarn is None else f", yarn={self.yarn}"))
 
     def new_cache(self, max_length: int | None = None) -> LatentCache:
         """An empty cache for this layer (``max_length``: preallocate that many tokens)."""
@@ -219,6 +234,10 @@ class MultiHeadLatentAttention(nn.Module):
         """``w_uk (n_h, d_h, d_c)`` and ``w_uv (n_h, d_v, d_c)``: views of ``wkv_b.weight`` (no copy)."""
         w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def rope_tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` ``[T, d_h^R / 2]`` at absolute ``positions [T]``: this layer's RoPE (with its YaRN, if any)."""
+        return rope_cos_sin(positions, self.qk_rope_head_dim, self.rope_theta, self.yarn)
 
     def attention_inputs(self, x: Tensor, cache: LatentCache | None = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
@@ -241,7 +260,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)  # (B, T, d_c), (B, T, d_r)
         c_kv = self.kv_norm(c_kv)  # (B, T, d_c)
         # 3) Decoupled RoPE at absolute positions start..start+T-1.
-        cos, sin = rope_cos_sin(torch.arange(start, start + t, device=x.device), self.qk_rope_head_dim, self.rope_theta)
+        cos, sin = self.rope_tables(torch.arange(start, start + t, device=x.device))  # (T, d_r/2) each
         q_rope = apply_rope(q_rope, cos[:, None], sin[:, None], self.rope_interleave)  # (B, T, n_h, d_r)
         k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)  # (B, T, d_r)
         if cache is not None:

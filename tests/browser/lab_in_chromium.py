@@ -8,8 +8,11 @@ settings and workspaces, as on a learner's first start), opens notebooks in Chro
 outputs, runs every cell, and asserts what a learner would see: every code cell executed, no error
 output, as many rendered plots as the committed notebook holds, progress bars drawn as widgets where
 the notebook has them, no news prompt. In an exercise notebook it reads the stub's message (no
-traceback), types the correct answer and sees the checker's tick. It also opens the ``make site``
-pages. Screenshots and the measured times go to ``build/browser/``.
+traceback), types the correct answer and sees the checker's tick. It moves a slider of an interactive
+plot (``helpers.teaching.widgets``) and sees the plot change. It also opens the ``make site`` pages.
+Screenshots and the measured times go to ``build/browser/``; each screenshot that claims to show a plot or a
+message is taken after its cell has been scrolled into view and rendered (JupyterLab draws only the cells
+near the viewport), and the test checks that the plot's pixels are on the screen and not blank.
 
 Waits are on JupyterLab's own state (the status bar's kernel status, the notebook's execution
 indicator, the ``[*]`` prompts), never on sleeps; nothing is retried. With
@@ -46,6 +49,7 @@ if os.environ.get("BROWSER_TEST_NOTEBOOKS") == "all":  # every notebook (for INS
 
     NOTEBOOKS = notebook_order(ROOT / "README.md")
 EXERCISE = "10_moe_from_dense_to_experts.ipynb"
+SLIDER = "13_moe_load_balancing.ipynb"  # its gamma slider: the first explore() cell
 RUN_TIMEOUT = 600  # seconds for one Run All
 STABLE = 3.0  # seconds the finished state must hold
 TIMES: dict[str, float] = {}
@@ -133,9 +137,11 @@ def browser(lab):
 def _committed(path: pathlib.Path) -> dict:
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     return {"cells": code,
             "images": sum("image/png" in o.get("data", {}) for c in code for o in c.outputs),
-            "progress": "widgets" in nb.metadata}  # the widget state of a progress bar is saved
+            # the saved widget state holds a progress bar's model (sliders of interactive plots are not one)
+            "progress": any(m.get("model_name", "").endswith("ProgressModel") for m in state.values())}
 
 
 def _shutdown_kernels(lab) -> None:
@@ -164,10 +170,12 @@ def _command(page, menu: str, *commands: str) -> None:
     page.locator(", ".join(f'.lm-Menu-item[data-command="{c}"]' for c in commands)).first.click()
 
 
-def _run_all(page, panel: str, watch_progress: bool = False) -> tuple[dict, float, bool]:
-    """Run All; wait until no cell is queued or running and the kernel is idle, holding for STABLE s."""
+def _run_all(page, panel: str, watch_progress: bool = False,
+             commands: tuple[str, ...] = ("runmenu:run-all", "notebook:run-all-cells")) -> tuple[dict, float, bool]:
+    """Run All (or another Run-menu command); wait until no cell is queued or running and the kernel is idle,
+    holding for STABLE s."""
     start = time.monotonic()
-    _command(page, "Run", "runmenu:run-all", "notebook:run-all-cells")
+    _command(page, "Run", *commands)
     saw_progress, started, stable_since = False, False, None
     while True:
         state = page.evaluate(STATE_JS, panel)
@@ -189,12 +197,54 @@ def _errors(state: dict) -> list[tuple[int, str]]:
             if o["mime"] == "application/vnd.jupyter.stderr"]
 
 
+# Bring an element (a plot, an output area) into the notebook's window and wait until JupyterLab has rendered its
+# cell: images loaded, outputs' text laid out (innerText is empty while a cell is not rendered), and the element
+# wholly on screen at the same place for two polls in a row (rendering Markdown and math above it moves it; if it
+# moved out of the window it is scrolled back).
+SHOWN_JS = """(el) => {
+  const cell = el.closest('.jp-Cell') || el;
+  const imgs = [...cell.querySelectorAll('.jp-OutputArea-output img')];
+  const loaded = imgs.every(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().height > 0);
+  const outs = [...cell.querySelectorAll('.jp-OutputArea-output')];
+  const laidOut = outs.every(o => o.querySelector('img') || o.innerText.trim().length > 0);
+  const r = el.getBoundingClientRect(), h = window.innerHeight;
+  const inside = r.height > 0 && r.top >= 0 && (r.bottom <= h || (r.height > h && r.top < h / 4));
+  if (!inside) { el.scrollIntoView({block: r.height > h ? 'start' : 'center'}); el.dataset.shownTop = ''; return false; }
+  const steady = el.dataset.shownTop === String(r.top);
+  el.dataset.shownTop = String(r.top);
+  return loaded && laidOut && steady;
+}"""
+SCROLL_JS = "(el) => el.scrollIntoView({block: 'center'})"
+
+
+def _show(page, element) -> None:
+    """Scroll ``element`` (a locator) into view and wait until it is rendered, on screen and steady."""
+    element.evaluate(SCROLL_JS)
+    page.wait_for_function(SHOWN_JS, arg=element.element_handle(), polling=250)
+
+
+def _plot_pixels_vary(page, img) -> float:
+    """The spread (standard deviation of the grey levels) of the screen pixels where ``img`` is drawn: a blank
+    area (a cell scrolled out of view, an image not yet painted) gives about 0."""
+    import io
+
+    from PIL import Image, ImageStat
+
+    box = img.bounding_box()
+    shot = Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L")
+    return ImageStat.Stat(shot).stddev[0]
+
+
 def _screenshot(page, name: str, panel: str, first_image: bool = True) -> None:
     page.screenshot(path=str(OUT / f"{name}-end.png"))
-    images = page.locator(f"#{panel} .jp-OutputArea-output img")
-    if first_image and images.count():
-        images.first.scroll_into_view_if_needed()
+    with_plot = page.evaluate("""(panelId) => [...document.getElementById(panelId).querySelectorAll('.jp-CodeCell')]
+        .findIndex(c => c.querySelector('.jp-OutputArea-output img'))""", panel)
+    if first_image and with_plot >= 0:
+        plot = page.locator(f"#{panel} .jp-CodeCell").nth(with_plot).locator(".jp-OutputArea-output img").first
+        _show(page, plot)
         page.screenshot(path=str(OUT / f"{name}-first-plot.png"))
+        spread = _plot_pixels_vary(page, plot)
+        assert spread > 5, f"{name}: the first plot's area on the screenshot is blank (pixel spread {spread:.1f})"
 
 
 def _wide_code(page, panel: str) -> list[int]:
@@ -245,9 +295,12 @@ def _answer(stub: str, solved: str) -> str:
     return "\n".join(lines[:at] + [body.rstrip()] + lines[at + 1:])
 
 
-def _show_output(page, panel: str, cell: int, name: str) -> None:
-    page.locator(f"#{panel} .jp-CodeCell").nth(cell).locator(".jp-OutputArea").scroll_into_view_if_needed()
+def _show_output(page, panel: str, cell: int, name: str) -> str:
+    """Screenshot cell ``cell`` with its output rendered on screen; return the output's visible text."""
+    output = page.locator(f"#{panel} .jp-CodeCell").nth(cell).locator(".jp-OutputArea")
+    _show(page, output)
     page.screenshot(path=str(OUT / name))
+    return output.inner_text()
 
 
 def test_exercise_stub_then_correct_answer(lab, browser):
@@ -267,7 +320,8 @@ def test_exercise_stub_then_correct_answer(lab, browser):
         assert "Traceback" not in errors[0][1] and "checks.py" not in errors[0][1], (
             f"the checker's failure shows a traceback through the framework: {errors[0][1]}")
         checker = errors[0][0]
-        _show_output(page, panel, checker, "exercise-stub.png")
+        shown = _show_output(page, panel, checker, "exercise-stub.png")
+        assert "still the exercise stub" in shown, f"the screenshot's checker output is not rendered: {shown!r}"
 
         editor = page.locator(f"#{panel} .jp-CodeCell").nth(first).locator(".cm-content")
         editor.scroll_into_view_if_needed()
@@ -284,7 +338,52 @@ def test_exercise_stub_then_correct_answer(lab, browser):
         images = sum(o["imgs"] for outs in state["outputs"] for o in outs)
         want = _committed(ROOT / "notebooks" / EXERCISE)["images"]
         assert images == want, f"exercise {EXERCISE}: {images} plot(s) rendered, the full notebook holds {want}"
-        _show_output(page, panel, checker, "exercise-tick.png")
+        shown = _show_output(page, panel, checker, "exercise-tick.png")
+        assert "✓" in shown, f"the screenshot's checker output is not rendered: {shown!r}"
+    finally:
+        page.close()
+        _shutdown_kernels(lab)
+
+
+# The interactive plot's output widget inside a cell, and the src of its image (a data: URL of the PNG).
+WIDGET_IMG_JS = """(cell) => { const i = cell.querySelector('.jupyter-widgets .jp-OutputArea-output img');
+                                return i && i.complete && i.naturalWidth > 0 ? i.src : null; }"""
+
+
+def test_moving_a_slider_redraws_the_plot(lab, browser):
+    """The learner's view of an interactive plot: the default drawn as a plain picture, a slider under it; moving
+    the slider (keyboard on its handle, as a learner may) draws a new plot, and moving it again changes it again."""
+    nb = nbformat.read(ROOT / "notebooks" / SLIDER, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    target = next(i for i, c in enumerate(code) if "explore(" in c.source)
+    page, panel = _open(browser, lab, f"notebooks/{SLIDER}")
+    try:
+        cells = page.locator(f"#{panel} .jp-CodeCell")
+        cells.nth(target + 1).evaluate(SCROLL_JS)  # the cell after the interactive one: run everything above it
+        cells.nth(target + 1).locator(".jp-InputPrompt").click()
+        state, _, _ = _run_all(page, panel, commands=("notebook:run-all-above",))
+        assert not _errors(state), f"errors before the slider: {_errors(state)}"
+        cell = cells.nth(target)
+        slider = cell.locator(".widget-slider")
+        slider.first.wait_for(state="attached")
+        _show(page, slider.first)
+        static = cell.locator(".jp-OutputArea-output img").first.get_attribute("src")
+        assert page.evaluate(WIDGET_IMG_JS, cell.element_handle()) is None, "the widget drew a plot before a move"
+        srcs = []
+        for _ in range(2):
+            before = page.evaluate(WIDGET_IMG_JS, cell.element_handle())
+            slider.first.locator(".noUi-handle, [role=slider]").first.focus()
+            page.keyboard.press("ArrowRight")
+            page.wait_for_function(f"([cell, before]) => {{ const src = ({WIDGET_IMG_JS})(cell); "
+                                   "return src !== null && src !== before; }",
+                                   arg=[cell.element_handle(), before], timeout=30_000)
+            srcs.append(page.evaluate(WIDGET_IMG_JS, cell.element_handle()))
+        assert srcs[0] != static and srcs[1] != srcs[0], "moving the slider did not change the plot"
+        widget_img = cell.locator(".jupyter-widgets .jp-OutputArea-output img").first
+        _show(page, widget_img)
+        page.screenshot(path=str(OUT / "slider-moved.png"))
+        assert _plot_pixels_vary(page, widget_img) > 5, "the redrawn plot's area on the screenshot is blank"
+        assert not _errors(page.evaluate(STATE_JS, panel)), "the redraw wrote an error"
     finally:
         page.close()
         _shutdown_kernels(lab)
