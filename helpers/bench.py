@@ -4,7 +4,8 @@ This machine (and a laptop) is noisy, so a benchmark never times one variant in 
 the next: every round runs each variant once, in a rotating order, and the table reports medians.
 Speed is measured here and shown in notebooks; tests never assert it.
 
-Command line: ``python -m helpers.bench moe``, ``python -m helpers.bench mla`` or ``python -m helpers.bench dsa``.
+Command line: ``python -m helpers.bench moe``, ``mla``, ``dsa``, ``model`` or ``v4`` (DeepSeek-V4's decode against
+``transformers``).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def benchmark(variants: Mapping[str, Callable[[], Any]], *, baseline: str | None
     return BenchResult(times=times, baseline=baseline, config=dict(config or {}), floors=dict(floors or {}))
 
 
-SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench", "dsa": "helpers.dsa.bench", "model": "helpers.model.bench"}
+SUITES = {"moe": "helpers.moe.bench", "mla": "helpers.mla.bench", "dsa": "helpers.dsa.bench", "model": "helpers.model.bench",
+          "v4": "helpers.v4.bench"}
 
 
 def main(argv: list[str] | None = None) -> None:

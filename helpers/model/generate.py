@@ -52,14 +52,16 @@ def pick(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 @torch.no_grad()
 def generate(model, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-             absorb: bool = True, use_mtp: bool = False, generator: torch.Generator | None = None,
+             absorb: bool | None = True, use_mtp: bool = False, generator: torch.Generator | None = None,
              stats: dict | None = None) -> Tensor:
     """Continue ``input_ids (B, T)`` by ``max_new_tokens`` tokens -> ``(B, T + max_new_tokens)``.
 
     Args:
-        model: a :class:`helpers.model.DeepSeekV3` (used as it is: call ``eval()`` first for inference).
+        model: a :class:`helpers.model.DeepSeekV3` or :class:`helpers.v4.model.DeepSeekV4` (used as it is: call
+            ``eval()`` first for inference).
         temperature: 0 is greedy; above 0 samples (with ``top_p`` and ``generator``).
-        absorb: attention over the latent with absorbed weights (default) or re-expanded (``False``).
+        absorb: attention over the latent with absorbed weights (default) or re-expanded (``False``); ``None`` for
+            attentions with one form only (DeepSeek-V4's, whose ``generate`` passes it).
         use_mtp: self-speculative decoding with the first MTP module (greedy, batch 1); same output as greedy.
         stats: if a dict, filled with ``main_steps``, ``drafted``, ``accepted``, ``cache_bytes``.
     """
@@ -71,14 +73,14 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, *, temperature: floa
     if use_mtp:
         return _speculative(model, input_ids, max_new_tokens, absorb, temperature, stats)
     caches = model.new_caches()
-    logits = model.logits(model.run_blocks(input_ids, caches, absorb)[:, -1])  # prefill: (B, V)
+    logits = model.logits(model.run_blocks(input_ids, caches, absorb)[:, -1:])[:, 0]  # prefill: (B, V)
     new = decode(model, logits, caches, max_new_tokens, absorb, temperature, top_p, generator)  # (B, N)
     if stats is not None:
         stats.update(main_steps=max_new_tokens, drafted=0, accepted=0, cache_bytes=cache_bytes(caches))
     return torch.cat([input_ids, new], dim=1)
 
 
-def decode(model, logits: Tensor, caches: list[GrowingBuffer], n: int, absorb: bool = True, temperature: float = 0.0,
+def decode(model, logits: Tensor, caches: list[GrowingBuffer], n: int, absorb: bool | None = True, temperature: float = 0.0,
            top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """The decode loop after a prefill: ``n`` new tokens ``(B, n)`` from last-position ``logits (B, V)``.
 
@@ -89,11 +91,11 @@ def decode(model, logits: Tensor, caches: list[GrowingBuffer], n: int, absorb: b
         token = pick(logits, temperature, top_p, generator)[:, None]  # (B, 1)
         out.append(token)
         if step + 1 < n:
-            logits = model.logits(model.run_blocks(token, caches, absorb)[:, -1])  # one decode step over the cache
+            logits = model.logits(model.run_blocks(token, caches, absorb)[:, -1:])[:, 0]  # one decode step
     return torch.cat(out, dim=1)
 
 
-def _check_generate_args(max_new_tokens: int, temperature: float, top_p: float, absorb: bool, use_mtp: bool,
+def _check_generate_args(max_new_tokens: int, temperature: float, top_p: float, absorb: bool | None, use_mtp: bool,
                          generator: torch.Generator | None) -> None:
     """``ValueError``/``TypeError`` naming the argument, for values out of range and for arguments the chosen
     decoding would ignore (a ``generator`` or ``top_p`` with greedy decoding, sampling with ``use_mtp``)."""
@@ -103,7 +105,7 @@ def _check_generate_args(max_new_tokens: int, temperature: float, top_p: float, 
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    require_bool(absorb=absorb, use_mtp=use_mtp)
+    require_bool(use_mtp=use_mtp, **({} if absorb is None else {"absorb": absorb}))
     if temperature == 0 and (top_p != 1.0 or generator is not None):
         raise ValueError("top_p and generator only steer sampling, but temperature=0 decodes greedily and would "
                          "ignore them: set temperature > 0, or drop top_p/generator")

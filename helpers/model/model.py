@@ -25,7 +25,16 @@ from torch import Tensor, nn
 
 from helpers.inputs import check_caches, check_input_ids
 from helpers.mla import GrowingBuffer
-from helpers.model.blocks import ATTENTIONS, FFNS, RESIDUALS, attention_kind, ffn_kind, residual_kind
+from helpers.model.blocks import (
+    ATTENTIONS,
+    FFNS,
+    READS_TOKEN_IDS,
+    RESIDUALS,
+    attention_kind,
+    ffn_kind,
+    norm_class,
+    residual_kind,
+)
 from helpers.moe import Balancing, DeepSeekMoE
 from helpers.precision import RMSNorm
 from helpers.rules import check_config, require_count
@@ -34,9 +43,12 @@ from helpers.rules import check_config, require_count
 class DecoderBlock(nn.Module):
     """One pre-norm transformer block: ``h = x + Attn(norm(x))``, ``out = h + FFN(norm(h))``.
 
+    Each ``+`` is the block's residual (:mod:`helpers.model.blocks`): V2-V3.2 add; DeepSeek-V4 runs each sub-layer
+    inside a hyper-connection on ``hc_mult`` streams, ``X' = B X + C F(norm(A X))`` (V4 §2.2).
+
     Args:
-        config: a ``DeepseekV3Config`` or ``DeepseekV32Config``.
-        layer_idx: the block's depth (:func:`helpers.model.blocks.ffn_kind` picks dense or MoE from it).
+        config: a ``DeepseekV3Config``, ``DeepseekV32Config`` or ``DeepseekV4Config``.
+        layer_idx: the block's depth (:mod:`helpers.model.blocks` picks its attention and FFN from it).
         moe: ``True`` forces DeepSeekMoE (MTP blocks).
         balancing: the MoE's training-only settings (bias speed, auxiliary-loss weights).
     """
@@ -45,18 +57,29 @@ class DecoderBlock(nn.Module):
         super().__init__()
         require_count(layer_idx=layer_idx)
         balancing = balancing or Balancing()
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = ATTENTIONS[attention_kind(config)](config)
+        norm = norm_class(config)
+        self.attn_norm = norm(config.hidden_size, config.rms_norm_eps)
+        self.attn = ATTENTIONS[attention_kind(config, layer_idx)](config, layer_idx)
         self.attn_residual = RESIDUALS[residual_kind(config)](config)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_moe = ffn_kind(config, layer_idx) == "moe" if moe is None else moe
-        self.ffn = FFNS["moe" if self.is_moe else "dense"](config, balancing)
+        self.ffn_norm = norm(config.hidden_size, config.rms_norm_eps)
+        kind = "moe" if moe else ffn_kind(config, layer_idx)
+        self.is_moe = kind != "dense"
+        self.ffn = FFNS[kind](config, layer_idx, balancing)
+        self.reads_token_ids = kind in READS_TOKEN_IDS
         self.ffn_residual = RESIDUALS[residual_kind(config)](config)
 
-    def forward(self, x: Tensor, cache: GrowingBuffer | None = None, absorb: bool | None = None) -> Tensor:
-        """``x (B, T, H) -> (B, T, H)``; with ``cache`` (``self.attn.new_cache()``), the tokens continue it."""
-        x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), cache=cache, absorb=absorb))  # (B, T, H)
-        return self.ffn_residual(x, lambda h: self.ffn(self.ffn_norm(h)))  # (B, T, H)
+    def forward(self, x: Tensor, cache: GrowingBuffer | None = None, absorb: bool | None = None,
+                input_ids: Tensor | None = None) -> Tensor:
+        """``x (B, T, H) -> (B, T, H)`` (V4: ``hc_mult`` streams, ``(B, T, n_hc, H)``); with ``cache``
+        (``self.attn.new_cache()``), the tokens continue it.
+
+        ``absorb`` reaches the attentions that have an absorbed form (MLA, DSA; ``None``: the layer's default);
+        ``input_ids (B, T)`` reaches the FFNs that route by token id (:data:`helpers.model.blocks.READS_TOKEN_IDS`).
+        """
+        options = {} if absorb is None else {"absorb": absorb}
+        ids = (input_ids,) if self.reads_token_ids else ()
+        x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), cache=cache, **options))  # (B, T, H)
+        return self.ffn_residual(x, lambda h: self.ffn(self.ffn_norm(h), *ids))  # (B, T, H)
 
 
 class MTPModule(nn.Module):
@@ -98,14 +121,17 @@ class DeepSeekV3(nn.Module):
     :meth:`generate` decodes over the blocks' own caches (see :mod:`helpers.model.generate`).
     """
 
+    validate = staticmethod(check_config)
+    """The config check run once at construction (:func:`helpers.rules.check_config`; V4 has its own)."""
+
     def __init__(self, config, balancing: Balancing | None = None) -> None:
         super().__init__()
-        check_config(config)
+        self.validate(config)
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([DecoderBlock(config, i, balancing=balancing)
                                      for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList([MTPModule(config, balancing)
                                   for _ in range(getattr(config, "num_mtp_layers", 0) or 0)])
@@ -155,10 +181,14 @@ class DeepSeekV3(nn.Module):
     def run_blocks(self, input_ids: Tensor, caches: list[GrowingBuffer] | None = None,
                    absorb: bool | None = None) -> Tensor:
         """:meth:`hidden` without its checks: the decode loop, whose tokens the model itself chose."""
-        x = self.embed(input_ids)  # (B, T, H)
+        x = self.embed_streams(input_ids)  # (B, T, H); V4: (B, T, n_hc, H)
         for i, block in enumerate(self.layers):
-            x = block(x, cache=caches[i] if caches else None, absorb=absorb)
+            x = block(x, cache=caches[i] if caches else None, absorb=absorb, input_ids=input_ids)
         return x
+
+    def embed_streams(self, input_ids: Tensor) -> Tensor:
+        """The residual stream the first block reads: ``Emb(t)``, ``(B, T) -> (B, T, H)`` (V4 widens it)."""
+        return self.embed(input_ids)
 
     def logits(self, h: Tensor) -> Tensor:
         """``OutHead(RMSNorm(h))``: ``(B, T, H) -> (B, T, V)``."""

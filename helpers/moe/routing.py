@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from helpers.inputs import check_expert_ids, check_scores, require_tensor
@@ -21,22 +22,23 @@ from helpers.rules import require_choice, require_number, validate_routing
 SCORING_FUNCS: dict[str, Callable[[Tensor], Tensor]] = {
     "softmax": lambda logits: logits.softmax(dim=-1),  # DeepSeek-V2 eq. 22, DeepSeekMoE eq. 5: over the experts
     "sigmoid": torch.sigmoid,  # DeepSeek-V3 eq. 15: each expert on its own
+    "sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(),  # DeepSeek-V4 §2.1: sqrt(softplus), each on its own
 }
-"""The registry of scoring functions ``s_{i,t} = f(u_t^T e_i)``: a new one (V4's sqrt-softplus) is one entry here
-(``CONTRIBUTING.md``), chosen by name with ``scoring_func``."""
+"""The registry of scoring functions ``s_{i,t} = f(u_t^T e_i)``, chosen by name with ``scoring_func``: a new one is
+one entry here (``CONTRIBUTING.md``), as V4's ``"sqrtsoftplus"`` (``helpers.v4.moe``) was."""
 GROUP_SCORES = ("top2_sum", "max")
 
 
 def affinity(logits: Tensor, scoring_func: str) -> Tensor:
     """Token-to-expert affinities ``s_{i,t}`` from router logits ``u_t^T e_i``.
 
-    A function of :data:`SCORING_FUNCS`: ``"softmax"`` over the experts (DeepSeek-V2 eq. 22, DeepSeekMoE eq. 5) or
-    an element-wise ``"sigmoid"`` (DeepSeek-V3 eq. 15). Computed in at least float32 (:func:`helpers.precision.compute_dtype`),
+    A function of :data:`SCORING_FUNCS`: ``"softmax"`` over the experts (DeepSeek-V2 eq. 22, DeepSeekMoE eq. 5), an
+    element-wise ``"sigmoid"`` (DeepSeek-V3 eq. 15) or ``"sqrtsoftplus"`` (DeepSeek-V4 §2.1). Computed in at least float32 (:func:`helpers.precision.compute_dtype`),
     like ``transformers``.
 
     Args:
         logits: (T, E) router logits.
-        scoring_func: ``"softmax"`` or ``"sigmoid"``.
+        scoring_func: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"``.
 
     Returns:
         s: (T, E) affinities.
