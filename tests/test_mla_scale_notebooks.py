@@ -106,3 +106,13 @@ def test_an_unknown_wrong_count_is_described_by_its_factor_without_a_cause():
     with pytest.raises(CheckFailure, match="yours is 3 times the expected count") as failure:
         check_sequence_cache_bytes(three_times)
     assert not any(m.message in str(failure.value) for m in check_sequence_cache_bytes.mistakes)
+
+
+def test_position_and_offset_mistakes_of_the_absorbed_attention_are_named_apart():
+    """Positions restarting at zero, an offset applied twice and no mask agree on some cases: each is still named."""
+    from helpers.mla.checks import check_absorbed_attention
+
+    audit = check_absorbed_attention.audit()
+    named = {m.name: m.message for m in check_absorbed_attention.mistakes}
+    for name in ("causal offset ignored", "causal offset applied twice", "no causal mask", "mask off by one"):
+        assert named[name] in audit[name], (name, audit[name])

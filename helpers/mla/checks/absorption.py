@@ -3,7 +3,8 @@
 The known mistakes are the one-step deviations from :func:`_absorbed_with`, a reference with switches
 (each ``Mistake`` flips one switch): the scale (its width, missing, not on the RoPE score), the score
 (RoPE part missing), the weights (``W^UK`` / ``W^UV`` transposed, swapped, ``W^UV`` not applied), the mask
-(offset ignored, none, off by one, applied after the softmax) and the softmax axis (heads, queries).
+(offset ignored, applied twice, none, off by one, applied after the softmax) and the softmax axis (heads,
+queries). Two mask mistakes can agree on one case, so the named mistake must match on every case.
 When nothing known matches, :func:`_describe` says which query positions and heads differ, and where
 NaNs appear, without naming a cause.
 """
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from helpers.mla import naive_attention
 from helpers.mla.checks.common import _gen, _randn
-from helpers.teaching.checks import Case, Checker, Mistake
+from helpers.teaching.checks import Case, Checker, Mistake, describe_difference
 
 
 def _attention_case(description: str, seed: int, b: int, t: int, start: int, n_heads: int, d_nope: int,
@@ -36,13 +37,16 @@ def _attention_case(description: str, seed: int, b: int, t: int, start: int, n_h
 def _attention_cases() -> list[Case]:
     # The first two cases have every size different (B, T, S, n_h, d_h, d_h^R, d_v, d_c), so different mistakes
     # give different numbers; the last has d_h = d_v = d_c, the only shapes on which transposed or swapped
-    # W^UK / W^UV run without an error.
+    # W^UK / W^UV run without an error; the fourth has T > start_pos, where an offset applied twice still hides
+    # some keys (on the others it hides none, like no mask at all).
     return [
         _attention_case("decode: B=2, T=1, start_pos=6 (S=7), n_h=3, d_h=8, d_h^R=4, d_v=10, d_c=14",
                         1, 2, 1, 6, 3, 8, 4, 10, 14),
         _attention_case("chunk: B=1, T=3, start_pos=4 (S=7), n_h=2, d_h=6, d_h^R=5, d_v=9, d_c=16",
                         2, 1, 3, 4, 2, 6, 5, 9, 16),
         _attention_case("prefill: B=2, T=S=5, start_pos=0, n_h=3, d_h=d_v=d_c=8, d_h^R=4", 0, 2, 5, 0, 3, 8, 4, 8, 8),
+        _attention_case("long chunk after a short cache: B=1, T=5, start_pos=2 (S=7), n_h=2, d_h=5, d_h^R=3, d_v=7, "
+                        "d_c=11", 3, 1, 5, 2, 2, 5, 3, 7, 11),
     ]
 
 
@@ -67,7 +71,7 @@ def _absorbed_with(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, softmax_scale, star
     content = torch.einsum("bthc,bsc->bths", torch.einsum("bthd,hdc->bthc", q_nope, w_k), c_kv)  # (B, T, H, S)
     rope = torch.einsum("bthr,bsr->bths", q_rope, k_rope) if rope_score else torch.zeros_like(content)
     scores = content * factor + rope * (factor if scale_rope else 1.0)
-    offset = {"start_pos": start_pos, "zero": 0, "end": s}[mask_offset]
+    offset = {"start_pos": start_pos, "zero": 0, "twice": 2 * start_pos}[mask_offset]
     visible = torch.arange(s)[None, :] <= offset + torch.arange(t)[:, None]  # (T, S)
     if mask == "strict":  # query t sees keys < start_pos + t: not even itself
         visible = torch.arange(s)[None, :] < offset + torch.arange(t)[:, None]
@@ -113,10 +117,26 @@ def _describe(got: Tensor, want: Tensor, kwargs: dict[str, Any]) -> str | None:
 
 @dataclass
 class _AttentionChecker(Checker):
-    """A Checker whose description of an unknown difference also covers NaN outputs (by query and head)."""
+    """A Checker whose description of an unknown difference also covers NaN outputs (by query and head), and
+    whose named mistake is one that matches the answer on every case (two mask mistakes can agree on one case)."""
+
+    def _matches_everywhere(self, fn: Callable[..., Any], mistake: Mistake) -> bool:
+        for case, fresh in zip(self.cases(), self.cases()):
+            try:
+                got = fn(**case.kwargs)
+            except Exception:  # noqa: BLE001 - a learner's function may fail on a case
+                return False
+            if describe_difference(got, mistake.fn(**fresh.kwargs), atol=self.atol, rtol=self.rtol) is not None:
+                return False
+        return True
 
     def explain(self, fn: Callable[..., Any]) -> str | None:
         message = super().explain(fn)
+        named = next((m for m in self.mistakes if message is not None and m.message in message), None)
+        if named is not None and not self._matches_everywhere(fn, named):
+            better = next((m for m in self.mistakes if self._matches_everywhere(fn, m)), None)
+            if better is not None:
+                return message.replace(named.message, better.message)
         if message is None or not any(m in message for m in ("NaN where", "an infinity where")):
             return message
         for case, fresh in zip(self.cases(), self.cases()):
@@ -172,6 +192,10 @@ check_absorbed_attention = _AttentionChecker(
         Mistake("no causal mask", _with(mask="none"),
                 "no causal mask (or an offset that is too large, such as the cache length after appending): "
                 "query t may only see keys 0..start_pos + t; mask the rest with -inf before the softmax."),
+        Mistake("causal offset applied twice", _with(mask_offset="twice"),
+                "the causal offset is applied twice: query t sees keys up to 2 * start_pos + t. The positions of "
+                "the new queries are start_pos + t; add start_pos once (if positions already include it, do not "
+                "add it again)."),
         Mistake("mask off by one", _with(mask="strict"),
                 "the mask is off by one: query t must see key start_pos + t (itself) too, keys s <= start_pos + t; "
                 "yours hides it (s < start_pos + t); at start_pos 0 the first query then sees no key at all (NaN)."),

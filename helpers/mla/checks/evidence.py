@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from helpers.mla import MultiHeadLatentAttention, apply_rope, naive_attention, rope_cos_sin
+from helpers.mla import MultiHeadLatentAttention, apply_rope, naive_attention
 
 ATOL, RTOL = 1e-5, 1e-4
 
 
 def _rotate(layer: MultiHeadLatentAttention, x: Tensor, positions: Tensor, heads: bool) -> Tensor:
-    cos, sin = rope_cos_sin(positions, layer.qk_rope_head_dim, layer.rope_theta)
+    cos, sin = layer.rope_tables(positions)
     if heads:
         cos, sin = cos[:, None], sin[:, None]
     return apply_rope(x, cos, sin, layer.rope_interleave)
