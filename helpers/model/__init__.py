@@ -9,6 +9,7 @@ module             holds
 ``data``           the corpus (a pinned dependency's source files) and the byte-level BPE tokenizer
 ``train``          the training loop and ``python -m helpers.train``
 ``diagrams``       notebooks 30-32's pictures: loss and MaxVio curves, experts by token class, decode speed
+``checks``         notebooks 30 and 32's exercise checkers (the MTP depth's index shift, the draft-verify step)
 =================  ===========================================================================
 """
 
