@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install lab workshop test test-browser lint unit notebooks execute exercises site bench parallel-check capstone-results train clean
+.PHONY: install lab workshop test test-browser lint unit notebooks execute exercises site bench parallel-check capstone-results train train-v4 extension-results clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,18 @@ capstone-results: install  ## results that read the capstone checkpoint (run aft
 	$(BIN)/python -m helpers.parallel.capstone --out notebooks/results/traffic_capstone.json
 	$(BIN)/python -m helpers.dsa.warmup --out notebooks/results/dsa_warmup.json
 
+train-v4: install  ## train the miniature DeepSeek-V4 (AdamW and Muon) beside a 500-step V3 and compare them (about an hour on 2 cores)
+	$(BIN)/python -m helpers.v4.train --threads 1 --steps 500 --eval-every 50 --out notebooks/results/tiny_deepseek_v4
+	$(BIN)/python -m helpers.v4.train --threads 1 --steps 500 --eval-every 50 --optimizer muon \
+		--record notebooks/results/v4_muon_training.json
+	$(BIN)/python -m helpers.train --threads 1 --steps 500 --eval-every 50 --out build/v3_500
+	cp build/v3_500/training.json notebooks/results/v4_v3_training.json
+	$(BIN)/python -m helpers.v4.train compare
+
+extension-results: install  ## the FP8 training comparison and the YaRN experiment that notebooks 33 and 26 plot (minutes)
+	$(BIN)/python -m helpers.fp8.train --out notebooks/results/fp8_training.json
+	$(BIN)/python -m helpers.mla.yarn_experiment --out notebooks/results/yarn_experiment.json
+
 parallel-check: install  ## the expert-parallel layer on 2, 3 and 4 processes against one process
 	for n in 2 3 4; do $(BIN)/python -m helpers.parallel check --nproc $$n || exit 1; done
 
@@ -75,6 +87,7 @@ bench: install  ## the MoE, MLA, DSA and capstone benchmarks (minutes; not part 
 	$(BIN)/python -m helpers.bench mla --threads 2 --save notebooks/results/bench_mla.json
 	$(BIN)/python -m helpers.bench dsa --threads 2 --repeats 15 --save notebooks/results/bench_dsa.json
 	$(BIN)/python -m helpers.bench model --threads 2 --save notebooks/results/bench_model.json
+	$(BIN)/python -m helpers.bench v4 --threads 2 --out notebooks/results/v4_bench_decode.json
 	$(BIN)/python -m helpers.teaching.readme README.md
 
 clean:

@@ -43,7 +43,8 @@ CHROMIUM = pathlib.Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1366, "height": 768}  # a common laptop screen
-NOTEBOOKS = ["00_why_deepseek_is_cheap.ipynb", "13_moe_load_balancing.ipynb", "22_mla_decoupled_rope.ipynb"]
+NOTEBOOKS = ["00_why_deepseek_is_cheap.ipynb", "13_moe_load_balancing.ipynb", "22_mla_decoupled_rope.ipynb",
+             "40_v4_hyper_connections.ipynb"]
 if os.environ.get("BROWSER_TEST_NOTEBOOKS") == "all":  # every notebook (for INSTRUCTORS.md's minutes)
     from helpers.teaching.site import notebook_order
 
