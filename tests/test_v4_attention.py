@@ -11,10 +11,11 @@ from transformers import DeepseekV4Config
 from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention
 
-from helpers.v4.attention import CSA, HCA, LAYER_TYPES, SWA, V4_ATTENTION_BACKENDS, V4Attention
+from helpers.v4.attention import AUTO, CSA, HCA, LAYER_TYPES, SWA, V4_ATTENTION_BACKENDS, V4Attention
 from helpers.v4.hf.attention import attention_from_hf, attention_to_hf, hf_attention_forward
 
 RATES = {CSA: 4, HCA: 5}
+BACKENDS = [*V4_ATTENTION_BACKENDS, AUTO]  # the registered attentions, and the layer's size-picked fast path
 
 
 def v4_config(kind: str, **overrides) -> DeepseekV4Config:
@@ -60,7 +61,7 @@ def test_one_pass_equals_transformers(kind, length):
     x = torch.randn(2, length, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf_attention_forward(hf, x)
-        for backend in V4_ATTENTION_BACKENDS:
+        for backend in BACKENDS:
             ours.backend = backend
             torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
 
@@ -79,7 +80,7 @@ def test_cached_steps_equal_transformers_cached_path(kind, schedule):
     ours = attention_from_hf(hf)
     chunks = SCHEDULES[schedule]
     x = torch.randn(2, sum(chunks), 32, generator=torch.Generator().manual_seed(3))
-    theirs_cache, outputs = DynamicCache(config=hf.config), {name: ours.new_cache() for name in V4_ATTENTION_BACKENDS}
+    theirs_cache, outputs = DynamicCache(config=hf.config), {name: ours.new_cache() for name in BACKENDS}
     start = 0
     with torch.no_grad():
         for step in chunks:
@@ -151,3 +152,38 @@ def test_unknown_layer_type_and_backend_are_refused():
         V4Attention.from_config(v4_config(SWA), 1)
     with pytest.raises(ValueError, match="backend"):
         V4Attention.from_config(v4_config(SWA), 0, backend="flash")
+
+
+@pytest.mark.parametrize("kind", [CSA, HCA])
+def test_auto_decode_step_with_batch_one_equals_transformers(kind, monkeypatch):
+    """The fast decode step (batch 1 reads its chosen entries with index_select) over many more entries than top-k."""
+    hf = random_hf(kind, seed=10)
+    ours = attention_from_hf(hf)
+    ours.backend = AUTO
+    steps = []
+    monkeypatch.setattr(ours, "step", lambda x, cache: steps.append(1) or V4Attention.step(ours, x, cache))
+    x = torch.randn(1, 42, 32, generator=torch.Generator().manual_seed(11))
+    theirs, cache = DynamicCache(config=hf.config), ours.new_cache()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x[:, :30], cache), hf_attention_forward(hf, x[:, :30], theirs),
+                                   rtol=1e-5, atol=1e-5)
+        for t in range(30, 42):
+            torch.testing.assert_close(ours(x[:, t:t + 1], cache), hf_attention_forward(hf, x[:, t:t + 1], theirs),
+                                       rtol=1e-5, atol=1e-5)
+    assert len(steps) == 12 and cache.compressor.n_entries == 42 // RATES[kind]
+
+
+def test_complex_rotation_equals_the_pairwise_one():
+    from helpers.v4.rope import rope_cos_sin, rope_phase, rotate_trailing, rotate_trailing_by
+
+    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(12))
+    cos, sin = rope_cos_sin(torch.tensor([300]), 8, 160000.0)
+    phase = rope_phase(300, 8, 160000.0, x.device)
+    torch.testing.assert_close(rotate_trailing_by(x, phase), rotate_trailing(x, cos, sin))
+    torch.testing.assert_close(rotate_trailing_by(rotate_trailing_by(x, phase), phase.conj()), x)
+    assert torch.equal(rotate_trailing_by(x, phase)[..., :8], x[..., :8])  # the leading channels are not rotated
+
+
+def test_unknown_layer_backend_lists_auto():
+    with pytest.raises(ValueError, match="'auto'"):
+        V4Attention.from_config(v4_config(CSA), 0, backend="fast")

@@ -196,3 +196,26 @@ def test_decode_benchmark_runs_and_records_both():
     out = decode_benchmark([12], tokens=1, repeats=1, warmup=0)
     (row,) = out["rows"]
     assert row["context"] == 12 and row["ours_ms_per_token"] > 0 and row["transformers_ms_per_token"] > 0
+    assert row["first_step_max_abs_diff"] < 1e-4  # transformers' cache filled from ours continues alike
+    assert set(row["split_ms_per_token"]["ours"]) == set(out["parts"]) == set(row["split_ms_per_token"]["transformers"])
+
+
+def test_every_attention_backend_decodes_the_same(pair):
+    """The model's default ``"auto"`` (fast decode step) and the plain ``"masked"`` reading agree step by step."""
+    from helpers.v4.model import DeepSeekV4
+
+    _, ours = pair
+    assert {block.attn.backend for block in ours.layers} == {"auto"}
+    plain = DeepSeekV4(ours.config, attention_backend="masked").eval()
+    plain.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, ours.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        outs = []
+        for model in (ours, plain):
+            caches = model.new_caches()
+            steps = [model.logits(model.hidden(ids[:, :21], caches))]
+            steps += [model.logits(model.hidden(ids[:, t:t + 1], caches)) for t in range(21, 40)]
+            outs.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="backend"):
+        DeepSeekV4(ours.config, attention_backend="flash")

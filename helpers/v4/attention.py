@@ -21,6 +21,11 @@ The attention itself (step 3) is looked up by name in :data:`V4_ATTENTION_BACKEN
 the plain reading and ``transformers``' way: every compressed entry is scored, the unchosen ones masked) and
 ``"gather"`` (each query gathers only its chosen entries: the cost of the compressed part is ``O(k)``, not
 ``O(N)``). Both take the same arguments and return the same numbers.
+
+A layer's ``backend`` may also be :data:`AUTO`, the speed setting :class:`helpers.v4.model.DeepSeekV4` uses: a
+one-token call with a cache takes :meth:`V4Attention.step` (no masks, RoPE from a table, the indexer as two
+matrix products, only the chosen entries read), and a longer call takes ``"gather"`` in CSA layers with more
+entries than ``index_topk`` and ``"masked"`` otherwise (HCA reads every entry anyway).
 """
 
 from __future__ import annotations
@@ -35,10 +40,13 @@ from helpers.rules import closest_name, require_choice, require_number, require_
 from helpers.v4.cache import V4Cache, visible_entries, window_mask
 from helpers.v4.compressor import Compressor, LightningIndexer, select_topk
 from helpers.v4.norms import V4RMSNorm, unweighted_rms_norm
-from helpers.v4.rope import rope_cos_sin, rotate_trailing
+from helpers.v4.rope import rope_cos_sin, rope_phase, rotate_trailing, rotate_trailing_by
 
 SWA, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 LAYER_TYPES = (SWA, CSA, HCA)
+AUTO = "auto"
+"""A layer setting, not an entry of :data:`V4_ATTENTION_BACKENDS`: :meth:`V4Attention.step` for one token with a
+cache, else ``"gather"`` or ``"masked"`` by size (see the module docstring)."""
 
 V4_ATTENTION_BACKENDS: dict[str, Callable[..., Tensor]] = {}
 """Name -> shared-KV attention with sinks over a window and selected compressed entries (same signature)."""
@@ -112,6 +120,14 @@ def v4_attention_backend(name: str) -> Callable[..., Tensor]:
     return V4_ATTENTION_BACKENDS[name]
 
 
+def check_layer_backend(name: str) -> str:
+    """A layer's ``backend`` setting: a registered backend or :data:`AUTO`; ``ValueError`` naming the choices."""
+    if name != AUTO and name not in V4_ATTENTION_BACKENDS:
+        choices = [*sorted(V4_ATTENTION_BACKENDS), AUTO]
+        raise ValueError(f"backend must be one of {choices}, got {name!r}{closest_name(str(name), choices)}")
+    return name
+
+
 class GroupedLinear(nn.Module):
     """``g`` independent projections, one per group of heads (§2.3.3, grouped output projection).
 
@@ -126,9 +142,11 @@ class GroupedLinear(nn.Module):
         nn.init.normal_(self.weight, std=in_per_group ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x (..., g, n_h d / g) -> (..., g, d_g)``."""
+        """``x (..., g, n_h d / g) -> (..., g, d_g)``: one batched product over the groups."""
         w = self.weight.view(self.groups, -1, self.weight.shape[-1])  # (g, d_g, n_h d / g)
-        return torch.einsum("...gi,goi->...go", x, w)
+        lead = x.shape[:-2]
+        y = torch.bmm(x.reshape(-1, self.groups, x.shape[-1]).transpose(0, 1), w.transpose(1, 2))  # (g, *, d_g)
+        return y.transpose(0, 1).reshape(*lead, self.groups, -1)  # (..., g, d_g)
 
 
 def check_v4_attention_settings(config: Any, layer_idx: int) -> str:
@@ -210,7 +228,7 @@ class V4Attention(nn.Module):
         """Layer ``layer_idx`` of a ``DeepseekV4Config`` (its type is ``config.layer_types[layer_idx]``), fresh weights.
 
         The sliding-only layers use ``rope_theta`` ("main" RoPE), the others ``compress_rope_theta``, as
-        ``transformers`` does. ``backend``: ``"masked"`` (default) or ``"gather"``.
+        ``transformers`` does. ``backend``: ``"masked"`` (default), ``"gather"`` or ``"auto"`` (:data:`AUTO`).
         """
         kind = check_v4_attention_settings(config, layer_idx)
         theta = config.rope_parameters["main" if kind == SWA else "compress"]["rope_theta"]
@@ -224,13 +242,12 @@ class V4Attention(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The attention's name in :data:`V4_ATTENTION_BACKENDS`; set it to switch (checked)."""
+        """The attention's name in :data:`V4_ATTENTION_BACKENDS`, or :data:`AUTO`; set it to switch (checked)."""
         return self._backend
 
     @backend.setter
     def backend(self, name: str) -> None:
-        v4_attention_backend(name)
-        self._backend = name
+        self._backend = check_layer_backend(name)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, n_heads={self.n_heads}, head_dim={self.head_dim}, rope_dim={self.rope_dim}, "
@@ -273,6 +290,8 @@ class V4Attention(nn.Module):
         with one, at ``cache.length..``, and the cache is updated (window, pending tokens, overlap, entries).
         """
         b, t, _ = x.shape
+        if self._backend == AUTO and t == 1 and cache is not None:
+            return self.step(x, cache)
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + t, device=x.device)  # (T,)
         cos, sin = rope_cos_sin(positions, self.rope_dim, self.rope_theta)  # (T, d_R / 2)
@@ -285,9 +304,47 @@ class V4Attention(nn.Module):
         # 3) The compressed entries and which of them each query reads.
         entries, indices, valid = self.selection(x, q_residual, positions, cache)
         # 4) Attention with sinks, then the output's RoPE slice rotated back by -p_t.
-        o = v4_attention_backend(self.backend)(q, window_kv, allowed, entries, indices, valid, self.sinks,
-                                               self.scale)  # (B, T, H, d)
+        o = v4_attention_backend(self._core(entries.shape[1]))(q, window_kv, allowed, entries, indices, valid,
+                                                               self.sinks, self.scale)  # (B, T, H, d)
         o = rotate_trailing(o, cos[:, None], -sin[:, None])  # (B, T, H, d)
         # 5) Grouped output projection.
         o = self.o_a_proj(o.reshape(b, t, self.o_groups, -1))  # (B, T, g, d_g)
         return self.o_b_proj(o.flatten(2))  # (B, T, d_model)
+
+    def _core(self, n_entries: int) -> str:
+        """The registered backend a call with ``n_entries`` compressed entries uses (:data:`AUTO` picks by size)."""
+        if self._backend != AUTO:
+            return self._backend
+        return "gather" if self.indexer is not None and n_entries > self.index_topk else "masked"
+
+    def step(self, x: Tensor, cache: V4Cache) -> Tensor:
+        """:meth:`forward` for ONE new token ``x (B, 1, d_model)`` continuing ``cache``: the decode step.
+
+        The same numbers by a shorter road: the newest token sees its whole window and every closed window, so
+        no mask is built; RoPE comes from a table (:func:`rope_phase`); the indexer scores all its keys in two
+        matrix products (:meth:`LightningIndexer.step`) and only the top-``k`` entries are gathered (CSA), or all
+        of them read (HCA); one product over ``[window ; entries]`` serves every head (one ``K = V`` head).
+        """
+        b = x.shape[0]
+        phase = rope_phase(cache.length, self.rope_dim, self.rope_theta, x.device)  # (d_R / 2,) complex
+        q_residual = self.q_a_norm(self.q_a_proj(x))  # (B, 1, d_c'): c^Q_t
+        q = unweighted_rms_norm(self.q_b_proj(q_residual).view(b, self.n_heads, self.head_dim), self.eps)
+        q = rotate_trailing_by(q, phase)  # (B, H, d)
+        kv = rotate_trailing_by(self.kv_norm(self.kv_proj(x)), phase)  # (B, 1, d)
+        keys = cache.window.append(kv)[0]  # (B, S, d): S <= n_win, all visible
+        if self.compressor is not None:
+            entries = self.compressor.step(x, cache.compressor)  # (B, N, d): all visible
+            if self.indexer is not None and entries.shape[1] > self.index_topk:
+                scores = self.indexer.step(x, q_residual, phase, cache.indexer)  # (B, 1, N)
+                chosen = scores[:, 0].topk(self.index_topk, dim=-1).indices  # (B, k)
+                entries = entries[0].index_select(0, chosen[0])[None] if b == 1 else \
+                    entries.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))  # (B, k, d)
+            elif self.indexer is not None:  # k >= N: every entry is chosen; the indexer's state still advances
+                self.indexer.compressor.step(x, cache.indexer)
+            keys = torch.cat([keys, entries], dim=1)  # (B, S + k, d): K = V
+        logits = torch.bmm(q, keys.transpose(1, 2)) * self.scale  # (B, H, S + k)
+        sink = self.sinks.float()[None, :, None].expand(b, -1, 1)  # (B, H, 1)
+        p = torch.cat([logits.float(), sink], dim=-1).softmax(dim=-1)[..., :-1].to(keys.dtype)  # (B, H, S + k)
+        o = rotate_trailing_by(torch.bmm(p, keys), phase.conj())  # (B, H, d), rotated back by -p_t
+        o = self.o_a_proj(o.view(b, 1, self.o_groups, -1))  # (B, 1, g, d_g)
+        return self.o_b_proj(o.flatten(2))  # (B, 1, d_model)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from helpers.v4.cache import CompressorState, visible_entries
 from helpers.v4.norms import V4RMSNorm
-from helpers.v4.rope import rope_cos_sin, rotate_trailing
+from helpers.v4.rope import rope_cos_sin, rotate_trailing, rotate_trailing_by
 
 
 def pool_windows(kv: Tensor, gate: Tensor, overlap: bool, prev_kv: Tensor | None = None,
@@ -106,6 +106,16 @@ class Compressor(nn.Module):
         entries = rotate_trailing(entries, *rope_cos_sin(positions, self.rope_dim, self.rope_theta))  # (B, W, d)
         return entries if state is None else state.entries.append(entries)[0]  # (B, N, d)
 
+    def step(self, x: Tensor, state: CompressorState) -> Tensor:
+        """:meth:`forward` for one new token ``x (B, 1, d_model)`` with a state: while its window stays open only
+        the projections are stored (no pooling, no empty tensors); the closing token takes :meth:`forward`'s path.
+        Returns all ``N`` entries so far ``(B, N, d)``."""
+        if state.pending_kv is None or state.pending_kv.shape[1] + 1 >= self.ratio:
+            return self(x, state)
+        state.pending_kv = torch.cat([state.pending_kv, self.kv_proj(x)], dim=1)  # (B, < m, c d)
+        state.pending_gate = torch.cat([state.pending_gate, self.gate_proj(x)], dim=1)
+        return state.entries.views()[0] if state.entries.length else x.new_zeros(x.shape[0], 0, self.head_dim)
+
 
 def index_scores(q: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
     """``I_{t,s} = sum_h w_{t,h} n_I^{-1/2} ReLU(c_I^{-1/2} q_{t,h} . K^I_s)`` in fp32 (eq. 16, ``transformers``' scales).
@@ -159,3 +169,14 @@ class LightningIndexer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.rope_dim, self.rope_theta)  # (T, d_R / 2)
         q = rotate_trailing(q, cos[:, None], sin[:, None])  # (B, T, n_I, c_I)
         return index_scores(q, keys, self.weights_proj(x))  # (B, T, N)
+
+    def step(self, x: Tensor, q_residual: Tensor, phase: Tensor, state: CompressorState) -> Tensor:
+        """:meth:`forward` for one new token with a state, as two matrix products over all the keys (eq. 16):
+        ``x (B, 1, d_model)``, ``q_residual (B, 1, d_c')``, ``phase`` its RoPE (:func:`rope_phase`) -> scores
+        ``(B, 1, N)`` fp32. Every entry is visible to the newest token, so nothing is masked."""
+        b = x.shape[0]
+        keys = self.compressor.step(x, state)  # (B, N, c_I)
+        q = rotate_trailing_by(self.q_b_proj(q_residual).view(b, self.n_heads, self.head_dim), phase)  # (B, n_I, c_I)
+        dots = torch.relu(torch.bmm(q.float(), keys.float().transpose(1, 2)))  # (B, n_I, N)
+        weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)  # (B, 1, n_I)
+        return torch.bmm(weights, dots)  # (B, 1, N)

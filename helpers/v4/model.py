@@ -33,6 +33,7 @@ from helpers.model.blocks import V4_ATTENTION_KINDS, V4_FFN_KINDS
 from helpers.model.model import DeepSeekV3
 from helpers.moe import Balancing
 from helpers.rules import require_choice, require_positive
+from helpers.v4.attention import AUTO, check_layer_backend
 from helpers.v4.cache import V4Cache
 from helpers.v4.hyper import HyperConnection, HyperHead, expand_streams
 from helpers.v4.moe import V4MoE
@@ -101,6 +102,9 @@ class DeepSeekV4(DeepSeekV3):
         config: a ``transformers`` ``DeepseekV4Config`` (checked once, :func:`check_v4_config`).
         balancing: accepted for the family's signature; V4's MoE layers balance through the training loop
             (:mod:`helpers.v4.train`), so only ``Balancing()`` (the default) is meaningful.
+        attention_backend: every attention layer's ``backend`` (:class:`helpers.v4.attention.V4Attention`):
+            ``"auto"`` (default: the fast decode step, gathered or masked prefill by size), ``"gather"`` or
+            ``"masked"`` (the plain reading, ``transformers``' way); all give the same numbers.
 
     ``model(input_ids)`` returns logits ``(B, T, V)``; :meth:`hidden` returns the streams ``(B, T, n_hc, H)``;
     :meth:`generate` decodes greedily (or samples) over the blocks' own caches (:meth:`new_caches`).
@@ -108,9 +112,12 @@ class DeepSeekV4(DeepSeekV3):
 
     validate = staticmethod(check_v4_config)
 
-    def __init__(self, config, balancing: Balancing | None = None) -> None:
+    def __init__(self, config, balancing: Balancing | None = None, attention_backend: str = AUTO) -> None:
+        check_layer_backend(attention_backend)
         super().__init__(config, balancing)
         self.hc_head = HyperHead.from_config(config)
+        for block in self.layers:
+            block.attn.backend = attention_backend
 
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:

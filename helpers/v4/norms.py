@@ -8,13 +8,19 @@ differently. :func:`unweighted_rms_norm` is the per-head query norm (no weight).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers.precision import compute_dtype
 
 
 def unweighted_rms_norm(x: Tensor, eps: float) -> Tensor:
-    """``x / sqrt(mean(x^2) + eps)`` over the last axis, the statistic in fp32, the result in ``x``'s dtype."""
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, the statistic in fp32, the result in ``x``'s dtype.
+
+    In fp32 this is one fused kernel (``F.rms_norm``, the same numbers); in a lower precision the statistic is
+    taken in fp32 and the multiplication done in ``x``'s dtype, as ``transformers``' ``UnweightedRMSNorm`` does."""
+    if x.dtype == compute_dtype(x.dtype):
+        return F.rms_norm(x, (x.shape[-1],), None, eps)
     return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
@@ -27,10 +33,9 @@ class V4RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x (..., width) -> (..., width)`` in ``x``'s dtype."""
-        h = x.to(compute_dtype(x.dtype))
-        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)  # (..., width), fp32
-        return (self.weight.to(h.dtype) * h).to(x.dtype)
+        """``x (..., width) -> (..., width)`` in ``x``'s dtype (one fused ``F.rms_norm`` on the fp32 copy)."""
+        dtype = compute_dtype(x.dtype)
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -12,12 +12,14 @@ each value's contribution depends only on the distance to the query (see :mod:`h
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from helpers.mla.rope import apply_rope, rope_cos_sin
 
-__all__ = ["rope_cos_sin", "rotate_trailing"]
+__all__ = ["rope_cos_sin", "rotate_trailing", "rope_phase", "rotate_trailing_by"]
 
 
 def rotate_trailing(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -38,3 +40,31 @@ def rotate_trailing(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     nope, rope = x[..., : x.shape[-1] - rope_dim], x[..., x.shape[-1] - rope_dim:]
     rotated = apply_rope(rope.float(), cos.float(), sin.float(), interleave=True).to(x.dtype)  # (..., d_R)
     return torch.cat([nope, rotated], dim=-1)  # (..., d)
+
+
+@functools.lru_cache(maxsize=64)
+def _phase_table(dim: int, base: float, device: torch.device, length: int) -> Tensor:
+    """``cos + i sin`` of positions ``0..length-1`` (:func:`rope_cos_sin`'s numbers), ``(length, dim / 2)`` complex64."""
+    with torch.inference_mode(False), torch.no_grad():
+        cos, sin = rope_cos_sin(torch.arange(length, device=device), dim, base)
+        return torch.complex(cos, sin)
+
+
+def rope_phase(position: int, dim: int, base: float, device: torch.device) -> Tensor:
+    """The unit complex numbers ``e^{i p theta_m}`` of one position, ``(dim / 2,)``: a row of a table computed once
+    per power of two of positions (the decode step's RoPE without recomputing the angles). Do not write into it."""
+    return _phase_table(dim, base, device, max(256, 1 << position.bit_length()))[position]
+
+
+def rotate_trailing_by(x: Tensor, phase: Tensor) -> Tensor:
+    """:func:`rotate_trailing` by ``phase`` (:func:`rope_phase`; its ``.conj()`` rotates back), in complex form:
+    each interleaved pair ``(x_{2m}, x_{2m+1})`` is the complex number ``x_{2m} + i x_{2m+1}`` times
+    ``e^{i p theta_m}``, the same rotation in fewer kernels. No checks: the decode step's inner loop.
+
+    Args:
+        x: ``(..., d)`` with ``d >= 2 * phase.shape[-1]``; phase: ``(d_R / 2,)``, broadcast over the leading axes.
+    """
+    rope_dim = 2 * phase.shape[-1]
+    pairs = torch.view_as_complex(x[..., x.shape[-1] - rope_dim:].float().unflatten(-1, (-1, 2)))  # (..., d_R / 2)
+    rotated = torch.view_as_real(pairs * phase).flatten(-2).to(x.dtype)  # (..., d_R)
+    return torch.cat([x[..., : x.shape[-1] - rope_dim], rotated], dim=-1)  # (..., d)
