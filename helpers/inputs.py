@@ -141,9 +141,10 @@ def check_input_ids(input_ids: Any, vocab_size: int) -> None:
                              "the model's tokenizer, or build the model with a larger vocab_size")
 
 
-def check_caches(caches: Any, attentions: list) -> None:
+def check_caches(caches: Any, attentions: list, batch: int | None = None) -> None:
     """One cache per attention layer, each of the kind that layer makes (``attn.new_cache()``), filled by no other
-    layer, all equally long: checked for every block before the first block writes into its cache."""
+    layer, all equally long, holding ``batch`` sequences (if given): checked for every block before the first block
+    writes into its cache (the blocks then skip their own cache checks)."""
     n = len(attentions)
     if not isinstance(caches, (list, tuple)) or len(caches) != n:
         got = f"a {type(caches).__name__} of {len(caches)}" if isinstance(caches, (list, tuple)) else type(caches).__name__
@@ -163,6 +164,10 @@ def check_caches(caches: Any, attentions: list) -> None:
     if len({cache.length for cache in caches}) > 1:
         raise ValueError(f"caches hold different lengths {[c.length for c in caches]}: a failed or partial call "
                          "left them apart; start new caches")
+    held = caches[0].views()[0].shape[0] if n and caches[0].length else batch
+    if batch is not None and held != batch:
+        raise ValueError(f"caches hold a batch of {held} sequences but input_ids has batch {batch}: continue caches "
+                         "with the same batch, or start new ones (model.new_caches()) for a new batch")
 
 
 def check_scores(name: str, x: Any, n_experts: int | None = None) -> None:

@@ -130,7 +130,8 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             return select_topk(scores, start, self.index_topk)
 
     def forward(self, x: Tensor, cache: SparseLatentCache | None = None, absorb: bool | None = None,
-                sparse: bool = True, return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+                sparse: bool = True, return_indices: bool = False, *,
+                validate: bool = True) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Attend causally over each query's top-k tokens: ``x (B, T, H) -> (B, T, H)``.
 
         Args:
@@ -139,9 +140,12 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             absorb: ``None``: the layer's backend; ``True``/``False``: the absorbed or the naive form.
             sparse: ``False`` attends over every visible token (dense MLA) for comparison.
             return_indices: also return the selection ``indices, valid``.
+            validate: ``False`` skips the input checks, for a caller that checked once at its edge (the model's
+                decode loop, as in :meth:`MultiHeadLatentAttention.forward`).
         """
-        check_attention_input(self, x, cache, SparseLatentCache, absorb=absorb)
-        require_bool(sparse=sparse, return_indices=return_indices)
+        if validate:
+            check_attention_input(self, x, cache, SparseLatentCache, absorb=absorb)
+            require_bool(sparse=sparse, return_indices=return_indices)
         if cache is not None:
             if cache.indexer.length != cache.length:
                 raise ValueError(f"cache is inconsistent: {cache.length} latents but {cache.indexer.length} "

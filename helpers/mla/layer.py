@@ -39,13 +39,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from helpers.inputs import check_attention_input
 from helpers.mla.attention import attention_backend
 from helpers.mla.cache import LatentCache
-from helpers.mla.rope import YaRN, apply_rope, require_yarn, rope_cos_sin
+from helpers.mla.rope import YaRN, require_yarn, rope_at, rope_cos_sin, rotate
 from helpers.precision import RMSNorm
 from helpers.rules import require_bool, require_number, require_positive
 
@@ -259,10 +258,10 @@ class MultiHeadLatentAttention(nn.Module):
         # 2) The latent and the shared RoPE key: the only things cached.
         c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)  # (B, T, d_c), (B, T, d_r)
         c_kv = self.kv_norm(c_kv)  # (B, T, d_c)
-        # 3) Decoupled RoPE at absolute positions start..start+T-1.
-        cos, sin = self.rope_tables(torch.arange(start, start + t, device=x.device))  # (T, d_r/2) each
-        q_rope = apply_rope(q_rope, cos[:, None], sin[:, None], self.rope_interleave)  # (B, T, n_h, d_r)
-        k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)  # (B, T, d_r)
+        # 3) Decoupled RoPE at absolute positions start..start+T-1 (rows of a table made once, see rope_at).
+        cos, sin = rope_at(start, t, self.qk_rope_head_dim, self.rope_theta, self.yarn, x.device)  # (T, d_r/2) each
+        q_rope = rotate(q_rope, cos[:, None], sin[:, None], self.rope_interleave)  # (B, T, n_h, d_r)
+        k_rope = rotate(k_rope, cos, sin, self.rope_interleave)  # (B, T, d_r)
         if cache is not None:
             c_kv, k_rope = cache.append(c_kv, k_rope)  # (B, S, d_c), (B, S, d_r)
         return q_nope, q_rope, c_kv, k_rope, start
@@ -271,14 +270,23 @@ class MultiHeadLatentAttention(nn.Module):
         """The backend a call uses: ``absorb=True``/``False`` picks ``"absorbed"``/``"naive"``, ``None`` the layer's."""
         return self.backend if absorb is None else ("absorbed" if absorb else "naive")
 
-    def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool | None = None, *,
+                validate: bool = True) -> Tensor:
         """Attend causally: ``x (B, T, H) -> (B, T, H)``.
 
         Without a cache the tokens sit at positions ``0..T-1``; with one, at ``cache.length..``, and their
         ``c^{KV}`` and ``k^R`` are appended to it. ``absorb=None`` uses ``self.backend``. Bad input (shape, dtype,
         device, a cache of another kind, batch, width or layer) raises before the cache changes.
+
+        ``validate=False`` skips those checks and runs :meth:`attend` directly: for a caller that checked its
+        input once at its own edge (the model's decode loop, :meth:`helpers.model.DeepSeekV3.run_blocks`).
         """
-        check_attention_input(self, x, cache, LatentCache, dense=True, absorb=absorb)
+        if validate:
+            check_attention_input(self, x, cache, LatentCache, dense=True, absorb=absorb)
+        return self.attend(x, cache, absorb)
+
+    def attend(self, x: Tensor, cache: LatentCache | None = None, absorb: bool | None = None) -> Tensor:
+        """:meth:`forward`'s math, without its input checks (the caller vouches for ``x``, ``cache``, ``absorb``)."""
         if cache is not None:
             cache.bind(self)
         b, t, _ = x.shape

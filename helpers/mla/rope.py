@@ -8,6 +8,7 @@ frequencies and the attention temperature so that a model trained on ``L`` posit
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -85,12 +86,42 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = True) -> 
     if cos.dim() > len(pairs) or any(c not in (1, p) for c, p in zip(reversed(cos.shape), reversed(pairs))):
         raise ValueError(f"cos and sin {tuple(cos.shape)} do not broadcast over x {tuple(x.shape)} with the token "
                          "axis second to last: for x (B, T, heads, dim) pass cos[:, None] and sin[:, None]")
+    return rotate(x, cos, sin, interleave)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = True) -> Tensor:
+    """:func:`apply_rope` without its checks: the rotation itself, for callers whose layer checked its input once
+    (the MLA layer's math, the decode loop). Same arguments, same result."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., dim/2) each
         return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)  # (..., dim)
-    x1, x2 = x[..., : dim // 2], x[..., dim // 2:]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (..., dim)
+
+
+def rope_at(start: int, t: int, dim: int, base: float = 10000.0, yarn: YaRN | None = None,
+            device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``cos, sin`` ``[t, dim // 2]`` of positions ``start .. start + t - 1``: rows of a table computed once.
+
+    The same numbers as ``rope_cos_sin(torch.arange(start, start + t), dim, base, yarn)`` (each entry is
+    ``cos(p * theta_m)`` computed elementwise, whichever rows are asked for), without recomputing the
+    frequencies and the cosines at every decode step. The table covers the next power of two of positions
+    (at least 256) and is kept for each ``(dim, base, yarn, device)``; callers must not write into the result.
+    """
+    cos, sin = _angle_table(dim, base, yarn, torch.device("cpu") if device is None else device,
+                            max(256, 1 << (start + t - 1).bit_length()))
+    return cos[start: start + t], sin[start: start + t]  # (t, dim/2) each
+
+
+@functools.lru_cache(maxsize=32)
+def _angle_table(dim: int, base: float, yarn: YaRN | None, device: torch.device, length: int
+                 ) -> tuple[Tensor, Tensor]:
+    """``rope_cos_sin`` of positions ``0..length-1`` (an ordinary tensor even when first asked for under
+    ``torch.inference_mode``, so training may use it later)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return rope_cos_sin(torch.arange(length, device=device), dim, base, yarn)
 
 
 @dataclass(frozen=True)

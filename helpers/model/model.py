@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers.inputs import check_caches, check_input_ids
-from helpers.mla import GrowingBuffer
+from helpers.mla import GrowingBuffer, MultiHeadLatentAttention
 from helpers.model.blocks import (
     ATTENTIONS,
     FFNS,
@@ -69,14 +69,18 @@ class DecoderBlock(nn.Module):
         self.ffn_residual = RESIDUALS[residual_kind(config)](config)
 
     def forward(self, x: Tensor, cache: GrowingBuffer | None = None, absorb: bool | None = None,
-                input_ids: Tensor | None = None) -> Tensor:
+                input_ids: Tensor | None = None, *, validate: bool = True) -> Tensor:
         """``x (B, T, H) -> (B, T, H)`` (V4: ``hc_mult`` streams, ``(B, T, n_hc, H)``); with ``cache``
         (``self.attn.new_cache()``), the tokens continue it.
 
         ``absorb`` reaches the attentions that have an absorbed form (MLA, DSA; ``None``: the layer's default);
         ``input_ids (B, T)`` reaches the FFNs that route by token id (:data:`helpers.model.blocks.READS_TOKEN_IDS`).
+        ``validate=False``: the model checked its input once (:meth:`DeepSeekV3.hidden`), so the MLA and DSA
+        attentions skip their own input checks (their ``forward(..., validate=False)``).
         """
         options = {} if absorb is None else {"absorb": absorb}
+        if not validate and isinstance(self.attn, MultiHeadLatentAttention):
+            options["validate"] = False
         ids = (input_ids,) if self.reads_token_ids else ()
         x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), cache=cache, **options))  # (B, T, H)
         return self.ffn_residual(x, lambda h: self.ffn(self.ffn_norm(h), *ids))  # (B, T, H)
@@ -174,16 +178,22 @@ class DeepSeekV3(nn.Module):
         """
         check_input_ids(input_ids, self.config.vocab_size)
         if caches is not None:
-            check_caches(caches, [block.attn for block in self.layers])
+            check_caches(caches, [block.attn for block in self.layers], batch=input_ids.shape[0])
         self.check_length((caches[0].length if caches else 0) + input_ids.shape[1])
+        if absorb is not None and not isinstance(absorb, bool):
+            raise TypeError(f"absorb must be True, False or None (the layers' default), got {absorb!r}")
         return self.run_blocks(input_ids, caches, absorb)
 
     def run_blocks(self, input_ids: Tensor, caches: list[GrowingBuffer] | None = None,
                    absorb: bool | None = None) -> Tensor:
-        """:meth:`hidden` without its checks: the decode loop, whose tokens the model itself chose."""
+        """:meth:`hidden` without its checks: the decode loop, whose tokens the model itself chose.
+
+        The attentions skip their input checks too (``validate=False``): the embeddings they read have the
+        model's dtype and device by construction, and :meth:`hidden` checked the caches once for every block.
+        """
         x = self.embed_streams(input_ids)  # (B, T, H); V4: (B, T, n_hc, H)
         for i, block in enumerate(self.layers):
-            x = block(x, cache=caches[i] if caches else None, absorb=absorb, input_ids=input_ids)
+            x = block(x, cache=caches[i] if caches else None, absorb=absorb, input_ids=input_ids, validate=False)
         return x
 
     def embed_streams(self, input_ids: Tensor) -> Tensor:
