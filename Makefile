@@ -80,10 +80,12 @@ extension-results: install  ## the FP8 training comparison and the YaRN experime
 parallel-check: install  ## the expert-parallel layer on 2, 3 and 4 processes against one process
 	for n in 2 3 4; do $(BIN)/python -m helpers.parallel check --nproc $$n || exit 1; done
 
-bench: install  ## the MoE, MLA, DSA and capstone benchmarks (minutes; not part of the tests); saves medians, writes the README's tables
+bench: install  ## the MoE (with the compiled backend), MLA, DSA, capstone and V4 benchmarks (about 15 minutes; not part of the tests); saves medians, writes the README's tables
 	$(BIN)/python -m helpers.bench moe --threads 2 --paths --save notebooks/results/bench_moe.json
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m helpers.bench moe --threads 2 --paths --no-backward \
 		--save notebooks/results/bench_moe_passive.json
+	$(BIN)/python -m helpers.bench moe --threads 2 --compiled --no-backward --sweep 1 8 128 512 \
+		--save notebooks/results/bench_moe_compiled.json
 	$(BIN)/python -m helpers.bench mla --threads 2 --save notebooks/results/bench_mla.json
 	$(BIN)/python -m helpers.bench dsa --threads 2 --repeats 15 --save notebooks/results/bench_dsa.json
 	$(BIN)/python -m helpers.bench model --threads 2 --save notebooks/results/bench_model.json
