@@ -9,7 +9,7 @@ NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
 
 
 def _links(text: str) -> set[str]:
-    return set(re.findall(r"\(([^)\s]+\.(?:ipynb|md))\)", text))
+    return set(re.findall(r"\]\(([^)\s]+\.(?:ipynb|md))\)", text))  # markdown links: [text](target)
 
 
 def test_readme_and_orientation_map_list_every_notebook():
