@@ -17,6 +17,7 @@ def _draw(k: int, scale: float):
 
 
 def _explorer(monkeypatch):
+    plt.close("all")  # figures other tests left open must not count as ours
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
     explorer = widgets.explore(_draw, k=widgets.integer("k", 1, 8, 2),
