@@ -173,6 +173,29 @@ def test_auto_decode_step_with_batch_one_equals_transformers(kind, monkeypatch):
     assert len(steps) == 12 and cache.compressor.n_entries == 42 // RATES[kind]
 
 
+@pytest.mark.parametrize("kind", LAYER_TYPES)
+def test_decode_steps_from_an_empty_cache_follow_weight_changes(kind):
+    """Decode steps from the first token (windows closed by the step's one-window path, CSA's first entry with no
+    overlap before it) equal transformers; a weight changed in place between steps is read (the step's stacked
+    input matrix is rebuilt), and steps with gradients on give the same numbers."""
+    hf = random_hf(kind, seed=13)
+    ours = attention_from_hf(hf)
+    ours.backend = AUTO
+    x = torch.randn(1, 14, 32, generator=torch.Generator().manual_seed(14))
+    theirs, cache = DynamicCache(config=hf.config), ours.new_cache()
+    for t in range(14):
+        if t == 9:  # every matrix the step stacks, changed in both models
+            with torch.no_grad():
+                for module in (ours, hf):
+                    for name, p in module.named_parameters():
+                        if name.endswith(("kv_proj.weight", "gate_proj.weight", "q_a_proj.weight", "weights_proj.weight")):
+                            p.add_(0.05)  # not a scale: the norms after them would undo it
+        with torch.set_grad_enabled(t >= 11):
+            got = ours(x[:, t:t + 1], cache)
+        with torch.no_grad():
+            torch.testing.assert_close(got, hf_attention_forward(hf, x[:, t:t + 1], theirs), rtol=1e-5, atol=1e-5)
+
+
 def test_complex_rotation_equals_the_pairwise_one():
     from helpers.v4.rope import rope_cos_sin, rope_phase, rotate_trailing, rotate_trailing_by
 

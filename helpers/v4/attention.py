@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers.rules import closest_name, require_choice, require_number, require_positive
@@ -218,6 +219,7 @@ class V4Attention(nn.Module):
         self.o_a_proj = GroupedLinear(n_heads * head_dim // o_groups, o_lora_rank, o_groups)
         self.o_b_proj = nn.Linear(o_groups * o_lora_rank, hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.zeros(n_heads))  # z_i
+        self._stacked: tuple[list, Tensor] | None = None  # the step's stacked input matrices (_input_weight)
         self.compressor = None if kind == SWA else Compressor(hidden_size, head_dim, ratio, kind == CSA, rope_dim,
                                                               rope_theta, eps)
         self.indexer = None if kind != CSA else LightningIndexer(hidden_size, q_lora_rank, index_n_heads,
@@ -317,30 +319,58 @@ class V4Attention(nn.Module):
             return self._backend
         return "gather" if self.indexer is not None and n_entries > self.index_topk else "masked"
 
+    def _input_matrices(self) -> list[Tensor]:
+        """Every matrix a decode step applies to ``h_t``: ``W^DQ``, ``W^KV``, then the compressor's ``W^KV, W^Z``
+        (CSA, HCA), then the indexer's compressor's ``W^KV, W^Z`` and ``W^w`` (CSA)."""
+        matrices = [self.q_a_proj.weight, self.kv_proj.weight]
+        if self.compressor is not None:
+            matrices += [self.compressor.kv_proj.weight, self.compressor.gate_proj.weight]
+        if self.indexer is not None:
+            compressor = self.indexer.compressor
+            matrices += [compressor.kv_proj.weight, compressor.gate_proj.weight, self.indexer.weights_proj.weight]
+        return matrices
+
+    def _input_weight(self) -> tuple[Tensor, list[int]]:
+        """:meth:`_input_matrices` stacked into one ``(sum of widths, d_model)`` matrix, so the step makes ONE
+        product of ``h_t``, and the widths that split its result. Kept between steps while no matrix changed
+        (same storage and version); rebuilt, and not kept, when gradients are on."""
+        matrices = self._input_matrices()
+        widths = [w.shape[0] for w in matrices]
+        if torch.is_grad_enabled():
+            return torch.cat(matrices), widths
+        key = [(w.data_ptr(), w._version) for w in matrices]
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, torch.cat(matrices))
+        return self._stacked[1], widths
+
     def step(self, x: Tensor, cache: V4Cache) -> Tensor:
         """:meth:`forward` for ONE new token ``x (B, 1, d_model)`` continuing ``cache``: the decode step.
 
-        The same numbers by a shorter road: the newest token sees its whole window and every closed window, so
-        no mask is built; RoPE comes from a table (:func:`rope_phase`); the indexer scores all its keys in two
+        The same numbers by a shorter road: ONE product of ``h_t`` with every matrix that reads it
+        (:meth:`_input_weight`); the newest token sees its whole window and every closed window, so no mask is
+        built; RoPE comes from a table (:func:`rope_phase`); a window the token closes is pooled alone
+        (:meth:`Compressor.step`); the indexer scores all its keys in two
         matrix products (:meth:`LightningIndexer.step`) and only the top-``k`` entries are gathered (CSA), or all
         of them read (HCA); one product over ``[window ; entries]`` serves every head (one ``K = V`` head).
         """
         b = x.shape[0]
         phase = rope_phase(cache.length, self.rope_dim, self.rope_theta, x.device)  # (d_R / 2,) complex
-        q_residual = self.q_a_norm(self.q_a_proj(x))  # (B, 1, d_c'): c^Q_t
+        weight, widths = self._input_weight()
+        q_a, kv, *rest = F.linear(x, weight).split(widths, dim=-1)  # (B, 1, width) each
+        q_residual = self.q_a_norm(q_a)  # (B, 1, d_c'): c^Q_t
         q = unweighted_rms_norm(self.q_b_proj(q_residual).view(b, self.n_heads, self.head_dim), self.eps)
         q = rotate_trailing_by(q, phase)  # (B, H, d)
-        kv = rotate_trailing_by(self.kv_norm(self.kv_proj(x)), phase)  # (B, 1, d)
+        kv = rotate_trailing_by(self.kv_norm(kv), phase)  # (B, 1, d)
         keys = cache.window.append(kv)[0]  # (B, S, d): S <= n_win, all visible
         if self.compressor is not None:
-            entries = self.compressor.step(x, cache.compressor)  # (B, N, d): all visible
+            entries = self.compressor.step(x, cache.compressor, *rest[:2])  # (B, N, d): all visible
             if self.indexer is not None and entries.shape[1] > self.index_topk:
-                scores = self.indexer.step(x, q_residual, phase, cache.indexer)  # (B, 1, N)
+                scores = self.indexer.step(x, q_residual, phase, cache.indexer, *rest[2:])  # (B, 1, N)
                 chosen = scores[:, 0].topk(self.index_topk, dim=-1).indices  # (B, k)
                 entries = entries[0].index_select(0, chosen[0])[None] if b == 1 else \
                     entries.gather(1, chosen[..., None].expand(-1, -1, self.head_dim))  # (B, k, d)
             elif self.indexer is not None:  # k >= N: every entry is chosen; the indexer's state still advances
-                self.indexer.compressor.step(x, cache.indexer)
+                self.indexer.compressor.step(x, cache.indexer, *rest[2:4])
             keys = torch.cat([keys, entries], dim=1)  # (B, S + k, d): K = V
         logits = torch.bmm(q, keys.transpose(1, 2)) * self.scale  # (B, H, S + k)
         sink = self.sinks.float()[None, :, None].expand(b, -1, 1)  # (B, H, 1)

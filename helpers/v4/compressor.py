@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from helpers.v4.cache import CompressorState, visible_entries
 from helpers.v4.norms import V4RMSNorm
-from helpers.v4.rope import rope_cos_sin, rotate_trailing, rotate_trailing_by
+from helpers.v4.rope import rope_cos_sin, rope_phase, rotate_trailing, rotate_trailing_by
 
 
 def pool_windows(kv: Tensor, gate: Tensor, overlap: bool, prev_kv: Tensor | None = None,
@@ -106,15 +106,38 @@ class Compressor(nn.Module):
         entries = rotate_trailing(entries, *rope_cos_sin(positions, self.rope_dim, self.rope_theta))  # (B, W, d)
         return entries if state is None else state.entries.append(entries)[0]  # (B, N, d)
 
-    def step(self, x: Tensor, state: CompressorState) -> Tensor:
-        """:meth:`forward` for one new token ``x (B, 1, d_model)`` with a state: while its window stays open only
-        the projections are stored (no pooling, no empty tensors); the closing token takes :meth:`forward`'s path.
-        Returns all ``N`` entries so far ``(B, N, d)``."""
-        if state.pending_kv is None or state.pending_kv.shape[1] + 1 >= self.ratio:
+    def step(self, x: Tensor, state: CompressorState, kv: Tensor, gate: Tensor) -> Tensor:
+        """:meth:`forward` for one new token ``x (B, 1, d_model)`` with a state, given its projections ``kv, gate
+        (B, 1, c d)`` (``kv_proj(x)``, ``gate_proj(x)``: :meth:`V4Attention.step` makes them in one product).
+        While the window stays open they are only stored; the closing token pools that ONE window (eq. 9-12 or
+        20-23) with its RoPE from a table (:func:`rope_phase`). Returns all ``N`` entries so far ``(B, N, d)``."""
+        if state.pending_kv is None:  # no call before: the general path sets the state up
             return self(x, state)
-        state.pending_kv = torch.cat([state.pending_kv, self.kv_proj(x)], dim=1)  # (B, < m, c d)
-        state.pending_gate = torch.cat([state.pending_gate, self.gate_proj(x)], dim=1)
-        return state.entries.views()[0] if state.entries.length else x.new_zeros(x.shape[0], 0, self.head_dim)
+        kv = torch.cat([state.pending_kv, kv], dim=1)  # (B, <= m, c d)
+        gate = torch.cat([state.pending_gate, gate], dim=1)
+        if kv.shape[1] < self.ratio:
+            state.pending_kv, state.pending_gate = kv, gate
+            return state.entries.views()[0] if state.entries.length else x.new_zeros(x.shape[0], 0, self.head_dim)
+        return state.entries.append(self._close_one(kv, gate + self.position_bias, state))[0]  # (B, N, d)
+
+    def _close_one(self, kv: Tensor, gate: Tensor, state: CompressorState) -> Tensor:
+        """The entry ``(B, 1, d)`` of the window ``kv, gate (B, m, c d)`` (``gate`` with ``B`` added) that the
+        newest token closed; updates the state (nothing pending, CSA's overlap)."""
+        first = state.entries.length * self.ratio  # the window's first position
+        state.pending_kv, state.pending_gate = kv[:, :0], gate[:, :0]
+        if self.overlap and state.overlap_kv is not None:  # [C^a of w-1 ; C^b of w]: 2m tokens
+            d = self.head_dim
+            pooled_kv = torch.cat([state.overlap_kv, kv[..., d:]], dim=1)  # (B, 2m, d)
+            pooled_gate = torch.cat([state.overlap_gate, gate[..., d:]], dim=1)
+            weights = pooled_gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)  # (B, 2m, d)
+            entry = (pooled_kv * weights).sum(dim=1, keepdim=True)  # (B, 1, d)
+        else:  # HCA, or CSA's first window (no C^a before it)
+            prev = (state.overlap_kv, state.overlap_gate)
+            entry = pool_windows(kv[:, None], gate[:, None], self.overlap, *prev)  # (B, 1, d)
+        if self.overlap:
+            state.overlap_kv, state.overlap_gate = kv[..., : self.head_dim], gate[..., : self.head_dim]
+        phase = rope_phase(first, self.rope_dim, self.rope_theta, kv.device)  # (d_R / 2,) complex
+        return rotate_trailing_by(self.kv_norm(entry), phase)  # (B, 1, d)
 
 
 def index_scores(q: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
@@ -170,13 +193,16 @@ class LightningIndexer(nn.Module):
         q = rotate_trailing(q, cos[:, None], sin[:, None])  # (B, T, n_I, c_I)
         return index_scores(q, keys, self.weights_proj(x))  # (B, T, N)
 
-    def step(self, x: Tensor, q_residual: Tensor, phase: Tensor, state: CompressorState) -> Tensor:
+    def step(self, x: Tensor, q_residual: Tensor, phase: Tensor, state: CompressorState, kv: Tensor, gate: Tensor,
+             weights: Tensor) -> Tensor:
         """:meth:`forward` for one new token with a state, as two matrix products over all the keys (eq. 16):
-        ``x (B, 1, d_model)``, ``q_residual (B, 1, d_c')``, ``phase`` its RoPE (:func:`rope_phase`) -> scores
-        ``(B, 1, N)`` fp32. Every entry is visible to the newest token, so nothing is masked."""
+        ``x (B, 1, d_model)``, ``q_residual (B, 1, d_c')``, ``phase`` its RoPE (:func:`rope_phase`), and ``x``'s
+        projections by the compressor (``kv, gate``, see :meth:`Compressor.step`) and ``weights_proj``
+        (``weights (B, 1, n_I)``) -> scores ``(B, 1, N)`` fp32. Every entry is visible to the newest token, so
+        nothing is masked."""
         b = x.shape[0]
-        keys = self.compressor.step(x, state)  # (B, N, c_I)
+        keys = self.compressor.step(x, state, kv, gate)  # (B, N, c_I)
         q = rotate_trailing_by(self.q_b_proj(q_residual).view(b, self.n_heads, self.head_dim), phase)  # (B, n_I, c_I)
         dots = torch.relu(torch.bmm(q.float(), keys.float().transpose(1, 2)))  # (B, n_I, N)
-        weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)  # (B, 1, n_I)
+        weights = weights.float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)  # (B, 1, n_I)
         return torch.bmm(weights, dots)  # (B, 1, N)
