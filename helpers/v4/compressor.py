@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from helpers.dsa.indexer import index_scores as v32_index_scores
 from helpers.v4.cache import CompressorState, visible_entries
 from helpers.v4.norms import V4RMSNorm
 from helpers.v4.rope import rope_cos_sin, rope_phase, rotate_trailing, rotate_trailing_by
@@ -141,7 +142,8 @@ class Compressor(nn.Module):
 
 
 def index_scores(q: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
-    """``I_{t,s} = sum_h w_{t,h} n_I^{-1/2} ReLU(c_I^{-1/2} q_{t,h} . K^I_s)`` in fp32 (eq. 16, ``transformers``' scales).
+    """``I_{t,s} = sum_h w_{t,h} n_I^{-1/2} ReLU(c_I^{-1/2} q_{t,h} . K^I_s)`` in fp32 (eq. 16, ``transformers``' scales):
+    V3.2's lightning-indexer score (:func:`helpers.dsa.indexer.index_scores`) over the compressed entries.
 
     Args:
         q: ``(B, T, n_I, c_I)`` rotated indexer queries; keys: ``(B, N, c_I)`` the indexer's compressed entries;
@@ -151,8 +153,7 @@ def index_scores(q: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
         ``(B, T, N)`` fp32 scores.
     """
     n_i, c_i = q.shape[-2], q.shape[-1]
-    dots = torch.einsum("bthc,bnc->bthn", q.float(), keys.float()) * c_i ** -0.5  # (B, T, n_I, N)
-    return torch.einsum("bth,bthn->btn", weights.float() * n_i ** -0.5, torch.relu(dots))  # (B, T, N)
+    return v32_index_scores(q, keys, weights.float() * n_i ** -0.5, c_i ** -0.5)  # (B, T, N)
 
 
 def select_topk(scores: Tensor, positions: Tensor, ratio: int, topk: int) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ import functools
 import torch
 from torch import Tensor
 
-from helpers.mla.rope import apply_rope, rope_cos_sin
+from helpers.mla.rope import apply_rope, rope_at, rope_cos_sin
 
 __all__ = ["rope_cos_sin", "rotate_trailing", "rope_phase", "rotate_trailing_by"]
 
@@ -44,10 +44,10 @@ def rotate_trailing(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _phase_table(dim: int, base: float, device: torch.device, length: int) -> Tensor:
-    """``cos + i sin`` of positions ``0..length-1`` (:func:`rope_cos_sin`'s numbers), ``(length, dim / 2)`` complex64."""
+    """``cos + i sin`` of positions ``0..length-1``, ``(length, dim / 2)`` complex64: the complex form of
+    :func:`helpers.mla.rope.rope_at`'s table (the same angles, computed once there)."""
     with torch.inference_mode(False), torch.no_grad():
-        cos, sin = rope_cos_sin(torch.arange(length, device=device), dim, base)
-        return torch.complex(cos, sin)
+        return torch.complex(*rope_at(0, length, dim, base, device=device))
 
 
 def rope_phase(position: int, dim: int, base: float, device: torch.device) -> Tensor:
